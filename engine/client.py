@@ -1,0 +1,118 @@
+"""The one asyncio ↔ engine-thread boundary: a queue into the engine, a queue per request out.
+
+The engine core runs in its own daemon thread, stepping while any request waits or runs and
+blocking on its inbox when idle. The asyncio side submits requests and receives each request's
+``RequestOutput`` deltas on an ``asyncio.Queue`` fed with ``call_soon_threadsafe``. A client that
+goes away (a closed stream) aborts its request, which frees its KV slot at the next step.
+An exception inside a step finishes the requests of that step with ``error`` and the engine goes
+on serving; it never takes the thread down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from engine.loop import EngineCore
+from engine.request import EngineRequest, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    """Runs an :class:`EngineCore` in a thread and streams outputs to asyncio callers.
+
+    Args:
+        core: the engine core (already loaded).
+        metrics: an object with ``observe_step(stats)`` (``engine.metrics.EngineMetrics``), or None.
+    """
+
+    def __init__(self, core: EngineCore, metrics=None):
+        self.core = core
+        self.metrics = metrics
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._stopping = False
+
+    def start(self) -> None:
+        """Start the engine thread."""
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread after its current step (seconds to wait for it)."""
+        self._stopping = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    @property
+    def is_healthy(self) -> bool:
+        """Whether the engine thread is alive."""
+        return self._thread.is_alive() and not self._stopping
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until the finished one.
+
+        Raises:
+            ValueError: the engine refused the request (its message says why).
+            RuntimeError: the engine is not running.
+        """
+        if not self.is_healthy:
+            raise RuntimeError("the engine is not running")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
+        self._inbox.put(("add", request))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self._inbox.put(("abort", request.request_id))
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "stop":
+                return
+            if kind == "add":
+                try:
+                    self.core.add_request(payload)
+                except ValueError as exc:
+                    self._deliver(payload.request_id, exc)
+            elif kind == "abort":
+                self.core.abort_request(payload)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_inbox(block=not self.core.has_work())
+            if self._stopping or not self.core.has_work():
+                continue
+            try:
+                outputs, stats = self.core.step()
+            except Exception as exc:  # a bug or device error: fail this step's requests, go on
+                logger.exception("engine step failed")
+                outputs, stats = self.core.fail_all(f"internal engine error: {exc}"), None
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            if stats is not None and self.metrics is not None:
+                self.metrics.observe_step(stats)

@@ -1,0 +1,43 @@
+"""Engine configuration: one frozen dataclass built once at the edge (the CLI or a test)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to load the model and run the engine.
+
+    Attributes:
+        model: a local checkpoint folder.
+        served_model_name: the ``model`` name the API answers to (default: the folder's name).
+        device: ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``.
+        dtype: ``"auto"`` (float32 on the CPU, bfloat16 on CUDA), ``"float32"``, ``"float16"``,
+            ``"bfloat16"``.
+        exit_layer: LayerSkip's exit layer ``E`` (the draft runs layers ``[0, E)``); ``None``
+            takes ``assistant_early_exit`` from the checkpoint's generation config.
+        num_speculations: draft tokens per round ``k``; 0 turns speculation off (plain decoding);
+            ``None`` takes ``num_assistant_tokens`` from the generation config.
+        max_num_seqs: sequences decoded together (one KV cache slot each).
+        max_model_len: prompt plus completion limit (tokens); ``None`` takes the model's
+            ``max_position_embeddings``, capped at :data:`DEFAULT_MAX_MODEL_LEN_CAP`.
+        seed: seed of torch's global generator at start-up (weights are loaded, not drawn).
+    """
+
+    model: str
+    served_model_name: str | None = None
+    device: str = "cpu"
+    dtype: str = "auto"
+    exit_layer: int | None = None
+    num_speculations: int | None = None
+    max_num_seqs: int = 8
+    max_model_len: int | None = None
+    seed: int = 0
+
+
+DEFAULT_MAX_MODEL_LEN_CAP = 8192
+"""Default ``max_model_len`` ceiling (tokens), so that a 128k-context model's KV cache fits."""
+
+MAX_NUM_SPECULATIONS = 32
+"""The largest ``num_speculations``; the KV cache keeps this much room past ``max_model_len``."""

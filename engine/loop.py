@@ -1,0 +1,209 @@
+"""The engine core: ``step() = schedule → run → update → emit`` (ARCHITECTURE.md §1).
+
+:class:`EngineCore` is synchronous and single-threaded; :mod:`engine.client` runs it in its own
+thread. Tests drive it directly, step by step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.config import DEFAULT_MAX_MODEL_LEN_CAP, MAX_NUM_SPECULATIONS, EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import KVCache
+from engine.outputs import append_with_stops, make_output
+from engine.request import EngineRequest, RequestOutput, Sequence, SequenceStatus
+from engine.scheduler import Scheduler
+from engine.spec_decode import SpecDecodeRunner
+from models.loader import load_checkpoint, read_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinishedStats:
+    """Timings of one finished request (seconds), for the latency histograms."""
+
+    e2e_latency: float
+    time_to_first_token: float | None
+    time_per_output_token: float | None
+    finish_reason: str
+
+
+@dataclass
+class StepStats:
+    """Plain counters of one step, handed to :mod:`engine.metrics` (no Prometheus types here)."""
+
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    finished: list[FinishedStats] = field(default_factory=list)
+
+
+class EngineCore:
+    """Loads the checkpoint, owns the KV cache and the scheduler, and runs steps.
+
+    Raises (at construction):
+        models.loader.CheckpointError: the checkpoint cannot be served.
+        ValueError: an exit layer or speculation count out of range.
+    """
+
+    def __init__(self, config: EngineConfig):
+        torch.manual_seed(config.seed)
+        self.config = config
+        hf_config = read_config(config.model)
+        self.max_model_len = config.max_model_len or min(hf_config.max_position_embeddings,
+                                                          DEFAULT_MAX_MODEL_LEN_CAP)
+        cache_len = self.max_model_len + MAX_NUM_SPECULATIONS + 1  # one round's drafts past the end
+        ck = load_checkpoint(config.model, config.device, config.dtype, rope_len=cache_len)
+        self.model, self.tokenizer = ck.model, ck.tokenizer
+        gen_cfg, L = ck.generation_config, self.model.num_layers
+        self.exit_layer = _pick(config.exit_layer, gen_cfg.get("assistant_early_exit"), max(1, L // 4))
+        self.num_speculations = _pick(config.num_speculations, gen_cfg.get("num_assistant_tokens"), 0)
+        if not 1 <= self.exit_layer <= L:
+            raise ValueError(f"exit_layer must be in 1..{L}, got {self.exit_layer}")
+        if not 0 <= self.num_speculations <= MAX_NUM_SPECULATIONS:
+            raise ValueError(f"num_speculations must be in 0..{MAX_NUM_SPECULATIONS}, "
+                             f"got {self.num_speculations}")
+        self.eos_token_ids = _eos_ids(gen_cfg, self.tokenizer)
+        s = self.model.shape
+        self.cache = KVCache(L, config.max_num_seqs, s.num_kv_heads, cache_len, s.head_dim,
+                             self.model.dtype, self.model.device)
+        self.runner = SpecDecodeRunner(self.model, self.cache)
+        self.scheduler = Scheduler(config.max_num_seqs)
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.model_name = config.served_model_name or Path(config.model).name
+        logger.info("engine ready: %d layers, exit_layer=%d, num_speculations=%d, "
+                    "max_model_len=%d, KV cache %.1f MiB", L, self.exit_layer,
+                    self.num_speculations, self.max_model_len, self.cache.nbytes / 2**20)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding table (token ids must be below it)."""
+        return self.model.shape.vocab_size
+
+    def validate(self, prompt_token_ids, max_tokens: int) -> None:
+        """Check a request against the model's limits.
+
+        Raises:
+            ValueError: an empty prompt, a token id outside the vocabulary, ``max_tokens < 1``,
+                or prompt plus ``max_tokens`` over ``max_model_len`` (both numbers named).
+        """
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        if n + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for "
+                "the completion). Please reduce the prompt or max_tokens.")
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request (validated with :meth:`validate`; raises its ``ValueError``)."""
+        self.validate(request.prompt_token_ids, request.max_tokens)
+        seq = Sequence(request)
+        self.detokenizers[seq.request_id] = IncrementalDetokenizer(self.tokenizer,
+                                                                   request.prompt_token_ids)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str, error: str | None = None) -> RequestOutput | None:
+        """Finish a live request now (``abort``, or ``error`` with a message); None if unknown."""
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return None
+        status = SequenceStatus.FINISHED_ERROR if error else SequenceStatus.FINISHED_ABORTED
+        self.scheduler.finish(seq, status)
+        return make_output(seq, [], self.detokenizers.pop(request_id), error=error)
+
+    def has_work(self) -> bool:
+        """Whether a request waits or runs."""
+        return self.scheduler.has_work()
+
+    def step(self) -> tuple[list[RequestOutput], StepStats]:
+        """Admit, prefill the new sequences, run one round for the others, emit outputs."""
+        sched = self.scheduler.schedule()
+        stats = StepStats()
+        results: list[tuple[Sequence, list[int]]] = []
+        for seq in sched.prefill:
+            token = self.runner.prefill(seq.token_ids, seq.slot)
+            seq.num_computed_tokens = seq.num_prompt_tokens
+            stats.num_prompt_tokens += seq.num_prompt_tokens
+            results.append((seq, [token]))
+        if sched.decode:
+            results.extend(self._decode(sched.decode, stats))
+        outputs = [self._emit(seq, tokens, stats) for seq, tokens in results]
+        stats.num_running = len(self.scheduler.running)
+        stats.num_waiting = len(self.scheduler.waiting)
+        return outputs, stats
+
+    def _decode(self, seqs: list[Sequence], stats: StepStats):
+        k = self.num_speculations
+        tokens, accepted = self.runner.decode_round(
+            [s.slot for s in seqs], [s.token_ids[-1] for s in seqs],
+            [s.num_computed_tokens for s in seqs], self.exit_layer, k)
+        for seq, toks, j in zip(seqs, tokens, accepted):
+            seq.num_computed_tokens += j + 1  # rollback: drafts past j are stale and masked
+            if k:
+                seq.num_drafts += 1
+                seq.num_draft_tokens += k
+                seq.num_accepted_tokens += j
+                stats.num_drafts += 1
+                stats.num_draft_tokens += k
+                stats.num_accepted_tokens += j
+        return list(zip(seqs, tokens))
+
+    def _emit(self, seq: Sequence, tokens: list[int], stats: StepStats) -> RequestOutput:
+        now = time.monotonic()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        kept = append_with_stops(seq, tokens, self.eos_token_ids)
+        stats.num_generation_tokens += len(kept)
+        detok = self.detokenizers[seq.request_id]
+        if seq.status.is_finished:
+            self.scheduler.finish(seq, seq.status)
+            del self.detokenizers[seq.request_id]
+            stats.finished.append(_finished_stats(seq, now))
+        return make_output(seq, kept, detok)
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Finish every live request with ``error`` (after an unexpected exception in a step)."""
+        live = list(self.scheduler.running) + list(self.scheduler.waiting)
+        return [self.abort_request(seq.request_id, error=message) for seq in live]
+
+
+def _finished_stats(seq: Sequence, now: float) -> FinishedStats:
+    arrival = seq.request.arrival_time
+    ttft = seq.first_token_time - arrival if seq.first_token_time else None
+    n = seq.num_output_tokens
+    tpot = (now - seq.first_token_time) / (n - 1) if n > 1 and seq.first_token_time else None
+    return FinishedStats(now - arrival, ttft, tpot, seq.status.finish_reason or "")
+
+
+def _pick(explicit, from_checkpoint, fallback):
+    """An explicit setting, else the checkpoint's, else a fallback."""
+    if explicit is not None:
+        return explicit
+    return from_checkpoint if from_checkpoint is not None else fallback
+
+
+def _eos_ids(gen_cfg: dict, tokenizer) -> frozenset[int]:
+    """EOS ids from the generation config (an int or a list) and the tokenizer."""
+    ids = gen_cfg.get("eos_token_id")
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,119 @@
+"""Prometheus metrics: the only module that imports ``prometheus_client``.
+
+The engine hands plain per-step counters (:class:`engine.loop.StepStats`) to
+:meth:`EngineMetrics.observe_step`. Names follow vLLM's with our ``layerskip_`` prefix. Derived
+figures are best computed in PromQL from the raw counters:
+
+- acceptance rate: ``rate(layerskip_spec_decode_num_accepted_tokens_total[1m])
+  / rate(layerskip_spec_decode_num_draft_tokens_total[1m])``
+- mean accepted length (tokens per round): ``1 + rate(..._num_accepted_tokens_total[1m])
+  / rate(layerskip_spec_decode_num_drafts_total[1m])``
+- tokens/s: ``rate(layerskip_generation_tokens_total[1m])``
+
+Two gauges give the same over the last ``window_seconds`` for dashboards without PromQL:
+``layerskip_spec_decode_acceptance_rate`` (accepted / drafted tokens, the bonus token never
+counted, so always in [0, 1]) and ``layerskip_generation_tokens_per_second``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class EngineMetrics:
+    """The server's metrics in their own registry (so several apps can live in one process).
+
+    Args:
+        model_name: the ``model_name`` label value.
+        window_seconds: the window of the two rate gauges (seconds).
+    """
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, model_name: str, window_seconds: float = 30.0):
+        self.registry = CollectorRegistry()
+        self.window_seconds = window_seconds
+        self._window: deque[tuple[float, int, int, int]] = deque()
+        self._lock = threading.Lock()
+        labels, r = ["model_name"], self.registry
+
+        def counter(name, doc):
+            return Counter(f"layerskip_{name}", doc, labels, registry=r).labels(model_name)
+
+        def gauge(name, doc):
+            return Gauge(f"layerskip_{name}", doc, labels, registry=r).labels(model_name)
+
+        def histogram(name, doc):
+            return Histogram(f"layerskip_{name}", doc, labels, buckets=LATENCY_BUCKETS,
+                             registry=r).labels(model_name)
+
+        self.num_drafts = counter("spec_decode_num_drafts", "Speculative rounds run (per sequence).")
+        self.num_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens proposed.")
+        self.num_accepted_tokens = counter("spec_decode_num_accepted_tokens",
+                                           "Draft tokens accepted (bonus tokens not counted).")
+        self.prompt_tokens = counter("prompt_tokens", "Prefilled prompt tokens.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens returned.")
+        self.running = gauge("num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting for a KV cache slot.")
+        self.acceptance_rate = gauge("spec_decode_acceptance_rate",
+                                     "Accepted / drafted tokens over the recent window, in [0, 1].")
+        self.tokens_per_second = gauge("generation_tokens_per_second",
+                                       "Generated tokens per second over the recent window.")
+        self.acceptance_rate.set_function(self._window_acceptance)
+        self.tokens_per_second.set_function(self._window_tokens_per_second)
+        self.request_success = Counter("layerskip_request_success", "Finished requests.",
+                                       labels + ["finished_reason"], registry=r)
+        self.model_name = model_name
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token (seconds).")
+        self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency (seconds).")
+        self.tpot = histogram("request_time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request (seconds).")
+
+    def observe_step(self, stats, now: float | None = None) -> None:
+        """Add one engine step's counters (an ``engine.loop.StepStats``)."""
+        now = time.monotonic() if now is None else now
+        self.num_drafts.inc(stats.num_drafts)
+        self.num_draft_tokens.inc(stats.num_draft_tokens)
+        self.num_accepted_tokens.inc(stats.num_accepted_tokens)
+        self.prompt_tokens.inc(stats.num_prompt_tokens)
+        self.generation_tokens.inc(stats.num_generation_tokens)
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        for f in stats.finished:
+            self.request_success.labels(self.model_name, f.finish_reason).inc()
+            self.e2e.observe(f.e2e_latency)
+            if f.time_to_first_token is not None:
+                self.ttft.observe(f.time_to_first_token)
+            if f.time_per_output_token is not None:
+                self.tpot.observe(f.time_per_output_token)
+        with self._lock:
+            self._window.append((now, stats.num_accepted_tokens, stats.num_draft_tokens,
+                                 stats.num_generation_tokens))
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._window and self._window[0][0] < now - self.window_seconds:
+            self._window.popleft()
+
+    def _window_acceptance(self) -> float:
+        with self._lock:
+            self._trim(time.monotonic())
+            drafted = sum(w[2] for w in self._window)
+            return sum(w[1] for w in self._window) / drafted if drafted else 0.0
+
+    def _window_tokens_per_second(self) -> float:
+        with self._lock:
+            self._trim(time.monotonic())
+            return sum(w[3] for w in self._window) / self.window_seconds
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,177 @@
+"""Our Llama forward: embed, ``forward_layers(h, start, end, cache, batch)``, final norm + LM head.
+
+Self-speculative decoding (LayerSkip, Elhoushi et al. 2024, §5) needs to run a *range* of layers:
+the draft runs layers ``[0, E)`` and reads the result out through the model's own final norm and
+LM head; the verifier runs ``[E, L)`` on the cached exit hidden states. transformers' modules
+always run every layer, so the forward is ours, written for small per-call overhead: fused q/k/v
+and gate/up projections, RoPE tables computed once, one fused RMSNorm kernel, and attention with
+``scaled_dot_product_attention`` over a static per-slot KV cache (as in gpt-fast). It matches
+``transformers.LlamaForCausalLM`` within 1e-4 in fp32 (``tests/model/test_llama_reference.py``).
+
+The cache is anything with ``k`` and ``v``: lists (one per layer) of tensors of shape
+``(num_slots, num_kv_heads, max_len, head_dim)`` (see ``engine.kv_cache.KVCache``). A batch row
+``b`` writes its new keys at ``[slots[b], :, positions[b]]`` and attends to keys ``0..position``
+of its slot; rolling a sequence back is only a matter of the positions the next call uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The dimensions the forward needs, read from a Hugging Face ``LlamaConfig``."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+
+
+@dataclass
+class AttentionBatch:
+    """Where one forward call's tokens sit: built once per call and shared by all its layers.
+
+    Attributes:
+        slots: ``(B,)`` cache slot of each batch row.
+        positions: ``(B, T)`` position of each new token.
+        cos, sin: ``(B, T, 1, head_dim)`` RoPE factors of those positions.
+        mask: ``(B, 1, T, S)`` bool, True where a query may attend to a key; ``S`` is the number of
+            key positions read from the cache (the largest position in the call, plus one).
+        slot_range: ``(first, last + 1)`` when the slots are consecutive, so the cache can be read
+            as a view instead of gathered.
+    """
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+    slot_range: tuple[int, int] | None
+
+
+class LlamaModel:
+    """Llama-family decoder weights and math, with layer-range forwards (no request logic).
+
+    Args:
+        shape: the model dimensions.
+        weights: tensors named as in a Hugging Face Llama checkpoint (``model.layers.0...``).
+        rope_cos, rope_sin: ``(max_len, head_dim)`` RoPE tables for positions ``0..max_len−1``.
+    """
+
+    def __init__(self, shape: LlamaShape, weights: dict[str, torch.Tensor],
+                 rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+        self.shape = shape
+        self.num_layers = shape.num_layers
+        self.embed_tokens = weights["model.embed_tokens.weight"]  # (V, D)
+        self.lm_head = weights.get("lm_head.weight", self.embed_tokens)  # (V, D)
+        self.norm = weights["model.norm.weight"]  # (D,)
+        self.rope_cos, self.rope_sin = rope_cos, rope_sin  # (max_len, hd)
+        self.layers = [self._fuse(weights, f"model.layers.{i}.") for i in range(shape.num_layers)]
+
+    @staticmethod
+    def _fuse(w: dict[str, torch.Tensor], p: str) -> dict[str, torch.Tensor]:
+        attn, mlp = p + "self_attn.", p + "mlp."
+        return {
+            "ln1": w[p + "input_layernorm.weight"],
+            "qkv": torch.cat([w[attn + "q_proj.weight"], w[attn + "k_proj.weight"],
+                              w[attn + "v_proj.weight"]]),  # ((H + 2·KV)·hd, D)
+            "o": w[attn + "o_proj.weight"],
+            "ln2": w[p + "post_attention_layernorm.weight"],
+            "gate_up": torch.cat([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]),
+            "down": w[mlp + "down_proj.weight"],
+        }
+
+    @property
+    def device(self) -> torch.device:
+        """The device the weights live on."""
+        return self.embed_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (also the hidden states' and the KV cache's)."""
+        return self.embed_tokens.dtype
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` token ids → ``(B, T, D)`` hidden states."""
+        return F.embedding(token_ids, self.embed_tokens)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: ``(B, T, D)`` hidden states → ``(B, T, V)`` float32 logits.
+
+        Applied to any layer's output this is LayerSkip's early-exit read-out (§4.2).
+        """
+        s = self.shape
+        return F.linear(F.rms_norm(hidden, (s.hidden_size,), self.norm, s.rms_norm_eps),
+                        self.lm_head).float()
+
+    def attention_batch(self, slots: torch.Tensor, positions: torch.Tensor, num_keys: int,
+                        slot_range: tuple[int, int] | None = None) -> AttentionBatch:
+        """Build the per-call geometry for tokens at ``positions`` ``(B, T)`` of cache ``slots`` ``(B,)``.
+
+        ``num_keys`` is ``max(positions) + 1``, passed in by the caller, who knows it on the host,
+        so that building the batch never waits for the device. Keys at positions up to each
+        query's own position are visible (causal within the new tokens, everything before them);
+        stale keys past a rolled-back length are masked.
+        """
+        key_pos = torch.arange(num_keys, device=positions.device)  # (S,)
+        mask = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, S)
+        return AttentionBatch(
+            slots=slots, positions=positions,
+            cos=self.rope_cos[positions][:, :, None], sin=self.rope_sin[positions][:, :, None],
+            mask=mask[:, None], slot_range=slot_range,
+        )
+
+    def forward_layers(self, hidden: torch.Tensor, start: int, end: int, cache,
+                       batch: AttentionBatch) -> torch.Tensor:
+        """Run decoder layers ``[start, end)`` on ``(B, T, D)`` hidden states; return ``(B, T, D)``.
+
+        Each layer writes the new tokens' keys and values into ``cache`` at ``batch``'s slots and
+        positions before attending, so a later call can continue from them.
+        """
+        for i in range(start, end):
+            hidden = self._layer(i, hidden, cache, batch)
+        return hidden
+
+    def _layer(self, i: int, h: torch.Tensor, cache, batch: AttentionBatch) -> torch.Tensor:
+        s, w = self.shape, self.layers[i]
+        B, T, _ = h.shape
+        H, KV, hd = s.num_heads, s.num_kv_heads, s.head_dim
+        x = F.rms_norm(h, (s.hidden_size,), w["ln1"], s.rms_norm_eps)
+        qkv = F.linear(x, w["qkv"]).view(B, T, H + 2 * KV, hd)  # (B, T, H+2KV, hd)
+        qk = _rope(qkv[:, :, :H + KV], batch.cos, batch.sin)  # (B, T, H+KV, hd)
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
+        k_all, v_all = _cache_update(cache.k[i], cache.v[i], qk[:, :, H:], qkv[:, :, H + KV:],
+                                     batch)  # (B, KV, S, hd) each
+        attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=batch.mask,
+                                              enable_gqa=H != KV)  # (B, H, T, hd)
+        h = h + F.linear(attn.transpose(1, 2).reshape(B, T, H * hd), w["o"])
+        x = F.rms_norm(h, (s.hidden_size,), w["ln2"], s.rms_norm_eps)
+        gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)  # (B, T, I) each
+        return h + F.linear(F.silu(gate) * up, w["down"])
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the Hugging Face (rotate-half) layout; ``x`` is ``(B, T, heads, hd)``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _cache_update(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write ``(B, T, KV, hd)`` keys/values at the batch's slots and positions; read ``(B, KV, S, hd)``."""
+    rows = batch.slots[:, None]  # (B, 1), broadcast against positions (B, T)
+    k_cache[rows, :, batch.positions] = k
+    v_cache[rows, :, batch.positions] = v
+    num_keys = batch.mask.shape[-1]
+    if batch.slot_range is not None:
+        first, stop = batch.slot_range
+        return k_cache[first:stop, :, :num_keys], v_cache[first:stop, :, :num_keys]
+    return k_cache[batch.slots, :, :num_keys], v_cache[batch.slots, :, :num_keys]

@@ -1,0 +1,5 @@
+"""``python -m server`` is ``layerskip-serve``."""
+
+from server.cli import main
+
+main()
