@@ -36,15 +36,22 @@ class IncrementalDetokenizer:
     def add(self, token_ids: list[int], final: bool = False) -> str:
         """Append tokens; return the text that became complete (``""`` while held back).
 
-        ``final`` flushes everything held back (the sequence has finished).
+        When the text ends inside a character, the last one to :data:`MAX_HELD_TOKENS` tokens are
+        held back and the rest goes out. ``final`` flushes everything (the sequence finished).
         """
         self.ids.extend(token_ids)
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        new_text = self._decode(self.ids[self.prefix_offset:])
-        held = len(self.ids) - self.read_offset
-        if not final and held < MAX_HELD_TOKENS and new_text.endswith("\ufffd"):
-            return ""
-        if len(new_text) <= len(prefix_text) and not final:
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return new_text[len(prefix_text):]
+        for hold in range(MAX_HELD_TOKENS + 1):
+            end = len(self.ids) - hold
+            if end <= self.read_offset:
+                break
+            text = self._decode(self.ids[self.prefix_offset:end])
+            if final or not text.endswith("\ufffd"):
+                return self._advance(text, prefix_text, end)
+        if len(self.ids) - self.read_offset > MAX_HELD_TOKENS:  # invalid bytes, not a split character
+            return self._advance(self._decode(self.ids[self.prefix_offset:]), prefix_text, len(self.ids))
+        return ""
+
+    def _advance(self, text: str, prefix_text: str, end: int) -> str:
+        self.prefix_offset, self.read_offset = self.read_offset, end
+        return text[len(prefix_text):]

@@ -17,7 +17,8 @@ from engine.config import DEFAULT_MAX_MODEL_LEN_CAP, MAX_NUM_SPECULATIONS, Engin
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCache
 from engine.outputs import append_with_stops, make_output
-from engine.request import EngineRequest, RequestOutput, Sequence, SequenceStatus
+from engine.request import (EngineRequest, InvalidRequestError, RequestOutput, Sequence,
+                            SequenceStatus)
 from engine.scheduler import Scheduler
 from engine.spec_decode import SpecDecodeRunner
 from models.loader import load_checkpoint, read_config
@@ -95,22 +96,24 @@ class EngineCore:
         """Check a request against the model's limits.
 
         Raises:
-            ValueError: an empty prompt, a token id outside the vocabulary, ``max_tokens < 1``,
-                or prompt plus ``max_tokens`` over ``max_model_len`` (both numbers named).
+            InvalidRequestError: an empty prompt, a token id outside the vocabulary,
+                ``max_tokens < 1``, or prompt plus ``max_tokens`` over ``max_model_len`` (both
+                numbers named); its ``param`` is ``prompt`` or ``max_tokens``.
         """
         n = len(prompt_token_ids)
         if n == 0:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty", "prompt")
         if max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+            raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
         bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+            raise InvalidRequestError(
+                f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})", "prompt")
         if n + max_tokens > self.max_model_len:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"you requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for "
-                "the completion). Please reduce the prompt or max_tokens.")
+                "the completion). Please reduce the prompt or max_tokens.", "max_tokens")
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request (validated with :meth:`validate`; raises its ``ValueError``)."""

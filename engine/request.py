@@ -11,6 +11,14 @@ import time
 from dataclasses import dataclass, field
 
 
+class InvalidRequestError(ValueError):
+    """A request the engine cannot serve; ``param`` names the field at fault (OpenAI's ``param``)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class EngineRequest:
     """One completion to generate (one prompt, one choice).

@@ -43,8 +43,11 @@ from models import corpus
 EOS = "<|endoftext|>"
 
 
-def build_tokenizer(vocab_size: int):
-    """Train a byte-level BPE tokenizer on the training split; return a ``PreTrainedTokenizerFast``."""
+def build_tokenizer(vocab_size: int, max_files: int | None = None):
+    """Train a byte-level BPE tokenizer on the training split; return a ``PreTrainedTokenizerFast``.
+
+    ``max_files`` limits the corpus to its first files (for smoke tests).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -55,14 +58,15 @@ def build_tokenizer(vocab_size: int):
         vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    texts = (corpus.read_text(p) for p in corpus.stdlib_files("train"))
+    texts = (corpus.read_text(p) for p in corpus.stdlib_files("train")[:max_files])
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS)
 
 
-def encode_split(tokenizer, split: str) -> torch.Tensor:
-    """Encode every file of a split, each followed by EOS, into one 1-D ``int64`` tensor (tokens)."""
-    texts = [corpus.read_text(p) for p in corpus.stdlib_files(split)]
+def encode_split(tokenizer, split: str, max_files: int | None = None) -> torch.Tensor:
+    """Encode every file of a split (or its first ``max_files``), each followed by EOS, into one
+    1-D ``int64`` tensor (tokens)."""
+    texts = [corpus.read_text(p) for p in corpus.stdlib_files(split)[:max_files]]
     ids: list[int] = []
     for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         ids.extend(enc)
@@ -340,6 +344,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rotation", type=int, default=4, help="R of the rotational curriculum")
     p.add_argument("--distill-weight", type=float, default=1.0)
     p.add_argument("--eval-windows", type=int, default=32, help="held-out windows for the card")
+    p.add_argument("--max-files", type=int, default=None, help="use only the first N files of "
+                   "each split (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     return p.parse_args(argv)
@@ -351,9 +357,9 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer = build_tokenizer(args.vocab)
-    train_data = encode_split(tokenizer, "train")
-    valid_data = encode_split(tokenizer, "valid")
+    tokenizer = build_tokenizer(args.vocab, args.max_files)
+    train_data = encode_split(tokenizer, "train", args.max_files)
+    valid_data = encode_split(tokenizer, "valid", args.max_files)
     print(f"corpus: {len(train_data):,} train tokens, {len(valid_data):,} valid tokens")
     model = build_model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())

@@ -12,7 +12,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine.request import EngineRequest
+from engine.request import EngineRequest, InvalidRequestError
 from server.errors import APIError
 from server.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
                              ModelList, SpecDecodeStats)
@@ -77,8 +77,9 @@ def _build_requests(body: CompletionRequest, core, response_id: str) -> list[Eng
         max_tokens = body.max_tokens or max(1, core.max_model_len - len(ids))
         try:
             core.validate(ids, max_tokens)
-        except ValueError as exc:
-            raise APIError(400, str(exc), "max_tokens" if body.max_tokens and ids else "prompt")
+        except InvalidRequestError as exc:
+            param = exc.param if body.max_tokens or exc.param != "max_tokens" else "prompt"
+            raise APIError(400, str(exc), param) from exc
         for c in range(body.n):
             requests.append(EngineRequest(f"{response_id}-{p * body.n + c}", tuple(ids), max_tokens,
                                           ignore_eos=body.ignore_eos))
@@ -111,8 +112,8 @@ async def _collect(stream) -> dict:
         async for out in stream:
             text.append(out.text)
             last = out
-    except ValueError as exc:  # refused by the engine's own validation
-        raise APIError(400, str(exc)) from exc
+    except InvalidRequestError as exc:  # refused by the engine's own validation
+        raise APIError(400, str(exc), exc.param) from exc
     if last.error:
         raise APIError(500, last.error, type="internal_server_error")
     return {"text": "".join(text), "out": last}

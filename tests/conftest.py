@@ -1,0 +1,81 @@
+"""Shared fixtures: the bundled model, a tiny random checkpoint, and an engine driver."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.loop import EngineCore
+from engine.request import EngineRequest
+from models.loader import BUNDLED_MODEL
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> str:
+    """The committed LayerSkip checkpoint folder."""
+    assert (BUNDLED_MODEL / "model.safetensors").exists(), "the bundled checkpoint is missing"
+    return str(BUNDLED_MODEL)
+
+
+def make_tiny_checkpoint(folder, num_layers=4, hidden=64, heads=4, kv_heads=2, seed=0, **extra):
+    """Save a random ``LlamaForCausalLM`` with the bundled tokenizer into ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=4096, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+        **extra)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the default init, so argmaxes are not near-ties
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(BUNDLED_MODEL / name, folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 4-layer random Llama (GQA, untied head) with the bundled tokenizer."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def run_engine(core: EngineCore, prompts: list[list[int]], max_tokens: int = 24,
+               arrive_at: list[int] | None = None, **request_kwargs) -> dict[str, list]:
+    """Drive ``core`` step by step; request ``i`` is added before step ``arrive_at[i]``.
+
+    Returns ``{request_id: [RequestOutput, ...]}``.
+    """
+    arrive_at = arrive_at or [0] * len(prompts)
+    pending = list(range(len(prompts)))
+    outputs: dict[str, list] = {f"r{i}": [] for i in pending}
+    step = 0
+    while pending or core.has_work():
+        for i in [i for i in pending if arrive_at[i] <= step]:
+            core.add_request(EngineRequest(f"r{i}", tuple(prompts[i]), max_tokens, **request_kwargs))
+            pending.remove(i)
+        if core.has_work():
+            for out in core.step()[0]:
+                outputs[out.request_id].append(out)
+        step += 1
+    return outputs
+
+
+def tokens_of(outputs: dict[str, list]) -> dict[str, list[int]]:
+    """Each request's generated tokens, from :func:`run_engine`'s outputs."""
+    return {rid: [t for o in outs for t in o.token_ids] for rid, outs in outputs.items()}
+
+
+@pytest.fixture(scope="session")
+def make_core():
+    """Build an :class:`EngineCore` from keyword arguments of :class:`EngineConfig`."""
+    return lambda **kwargs: EngineCore(EngineConfig(**kwargs))

@@ -1,0 +1,100 @@
+"""Engine behaviour on the bundled model: stops inside accepted chunks, aborts, failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.client import AsyncEngine
+from engine.request import EngineRequest
+from tests.conftest import run_engine, tokens_of
+
+PROMPT = "def parse_args(argv=None):\n    parser = argparse.ArgumentParser("
+
+
+@pytest.fixture(scope="module")
+def cores(bundled_model, make_core):
+    return (make_core(model=bundled_model, num_speculations=0),
+            make_core(model=bundled_model, num_speculations=4))
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 7, 13])
+def test_exactly_max_tokens_come_out(cores, max_tokens):
+    plain, spec = cores
+    prompt = plain.tokenizer.encode(PROMPT)
+    expected = tokens_of(run_engine(plain, [prompt], 16, ignore_eos=True))["r0"][:max_tokens]
+    outs = run_engine(spec, [prompt], max_tokens, ignore_eos=True)["r0"]
+    assert [t for o in outs for t in o.token_ids] == expected
+    assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == max_tokens
+    assert not spec.has_work() and spec.scheduler.slots.num_free == spec.config.max_num_seqs
+
+
+def test_eos_inside_an_accepted_chunk_cuts_there(cores, monkeypatch):
+    plain, spec = cores
+    prompt = plain.tokenizer.encode(PROMPT)
+    full = tokens_of(run_engine(plain, [prompt], 24, ignore_eos=True))["r0"]
+    stop_token = full[9]
+    cut = full.index(stop_token) + 1
+    monkeypatch.setattr(spec, "eos_token_ids", frozenset({stop_token}))
+    outs = run_engine(spec, [prompt], 24)["r0"]
+    got = [t for o in outs for t in o.token_ids]
+    assert got == full[:cut]
+    assert outs[-1].finish_reason == "stop" and outs[-1].num_output_tokens == cut
+    assert all(o.finish_reason is None for o in outs[:-1])
+
+
+def test_abort_frees_the_slot(cores):
+    _, spec = cores
+    prompt = spec.tokenizer.encode(PROMPT)
+    spec.add_request(EngineRequest("a", tuple(prompt), 50))
+    spec.step()
+    out = spec.abort_request("a")
+    assert out.finish_reason == "abort" and not spec.has_work()
+    assert spec.scheduler.slots.num_free == spec.config.max_num_seqs
+    assert spec.abort_request("a") is None
+
+
+def test_invalid_requests_are_refused_with_both_numbers(cores):
+    _, spec = cores
+    with pytest.raises(ValueError, match=rf"maximum context length is {spec.max_model_len}"):
+        spec.add_request(EngineRequest("x", (1, 2, 3), spec.max_model_len))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        spec.add_request(EngineRequest("x", (1, spec.vocab_size), 4))
+    with pytest.raises(ValueError, match="empty"):
+        spec.add_request(EngineRequest("x", (), 4))
+    assert not spec.has_work()
+
+
+def test_a_failing_step_errors_its_requests_and_the_engine_keeps_serving(cores, monkeypatch):
+    plain, _ = cores
+    prompt = tuple(plain.tokenizer.encode(PROMPT))
+    expected = tokens_of(run_engine(plain, [list(prompt)], 8))["r0"]
+    engine = AsyncEngine(plain)
+    real_round = plain.runner.decode_round
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return real_round(*args, **kwargs)
+
+    monkeypatch.setattr(plain.runner, "decode_round", flaky)
+
+    async def generate(rid):
+        return [o async for o in engine.generate(EngineRequest(rid, prompt, 8))]
+
+    async def scenario():
+        engine.start()
+        try:
+            failed = await generate("first")
+            ok = await generate("second")
+        finally:
+            engine.shutdown()
+        return failed, ok
+
+    failed, ok = asyncio.run(scenario())
+    assert failed[-1].finish_reason == "error" and "injected fault" in failed[-1].error
+    assert [t for o in ok for t in o.token_ids] == expected
+    assert plain.scheduler.slots.num_free == plain.config.max_num_seqs

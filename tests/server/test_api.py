@@ -1,0 +1,130 @@
+"""The HTTP API on the bundled model: shapes, streaming, errors, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+MODEL = "layerskip-stdlib"
+PROMPT = "def read_config(path):\n    with open(path) as f:\n        "
+
+
+def _complete(client, **body):
+    return client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, **body})
+
+
+def _events(response) -> list:
+    lines = [ln for ln in response.text.split("\n") if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(ln[6:]) for ln in lines[:-1]]
+
+
+def test_completion_equals_the_same_request_with_speculation_off(client, plain_client):
+    spec = _complete(client, max_tokens=48, temperature=0).json()
+    plain = _complete(plain_client, max_tokens=48, temperature=0).json()
+    assert spec["choices"][0]["text"] == plain["choices"][0]["text"]
+    assert spec["choices"][0]["text"].strip()
+    assert spec["spec_decode"]["num_draft_tokens"] > 0
+    assert plain["spec_decode"]["num_draft_tokens"] == 0
+
+
+def test_response_shape_and_usage(client):
+    r = _complete(client, max_tokens=5)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
+    assert body["model"] == MODEL and isinstance(body["created"], int)
+    choice = body["choices"][0]
+    assert choice["index"] == 0 and choice["finish_reason"] in ("length", "stop")
+    usage = body["usage"]
+    assert usage["completion_tokens"] <= 5
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_default_max_tokens_is_16(client):
+    body = client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT,
+                                                 "ignore_eos": True}).json()
+    assert body["usage"]["completion_tokens"] == 16
+
+
+def test_list_of_prompts_gives_one_choice_each(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": [PROMPT, "import"],
+                                              "max_tokens": 6})
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    single = _complete(client, max_tokens=6).json()["choices"][0]["text"]
+    assert choices[0]["text"] == single
+
+
+def test_stream_concatenates_to_the_non_streamed_text(client):
+    whole = _complete(client, max_tokens=40).json()
+    r = _complete(client, max_tokens=40, stream=True, stream_options={"include_usage": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = _events(r)
+    chunks, final = events[:-1], events[-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert all(c["usage"] is None and c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert final["choices"] == [] and final["usage"] == whole["usage"]
+
+
+def test_models_health_and_metrics(client):
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] > 0
+    assert client.get("/health").status_code == 200
+    before = _metric(client, "layerskip_generation_tokens_total")
+    drafted_before = _metric(client, "layerskip_spec_decode_num_draft_tokens_total")
+    _complete(client, max_tokens=12, ignore_eos=True)
+    assert _metric(client, "layerskip_generation_tokens_total") == before + 12
+    assert _metric(client, "layerskip_spec_decode_num_draft_tokens_total") > drafted_before
+    assert 0.0 <= _metric(client, "layerskip_spec_decode_acceptance_rate") <= 1.0
+    assert _metric(client, "layerskip_generation_tokens_per_second") > 0
+    text = client.get("/metrics").text
+    for name in ("layerskip_spec_decode_num_drafts_total", "layerskip_prompt_tokens_total",
+                 "layerskip_num_requests_running", "layerskip_num_requests_waiting",
+                 "layerskip_spec_decode_num_accepted_tokens_total",
+                 "layerskip_time_to_first_token_seconds_bucket"):
+        assert name in text
+
+
+def _metric(client, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported")
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "temperature": 0.7}, 400, "temperature"),
+    ({"model": MODEL, "prompt": []}, 400, "prompt"),
+    ({"model": MODEL, "prompt": [[1, 999999]]}, 400, "prompt"),
+    ({"model": MODEL, "prompt": 5}, 400, "prompt"),
+    ({"model": MODEL}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+])
+def test_bad_requests_get_openai_errors_and_the_engine_survives(client, body, status, param):
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+    assert _complete(client, max_tokens=3).status_code == 200
+
+
+def test_context_overflow_names_both_numbers(client):
+    limit = client.get("/v1/models").json()["data"][0]["max_model_len"]
+    err = _complete(client, max_tokens=limit).json()["error"]
+    assert str(limit) in err["message"] and f"{limit} for the completion" in err["message"]
+
+
+def test_malformed_json_is_a_400(client):
+    r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_unknown_fields_are_ignored(client):
+    assert _complete(client, max_tokens=2, some_client_extension={"a": 1}).status_code == 200

@@ -1,0 +1,47 @@
+"""Streaming detokenization never emits a broken character, and adds up to the full decode."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from engine.detokenizer import MAX_HELD_TOKENS, IncrementalDetokenizer
+from models.loader import BUNDLED_MODEL
+
+TEXTS = [
+    "def naïve(x):  # café ☕ — ünïcödé\n    return x",
+    "print('日本語のテキスト 🎉🐍')\n",
+    "    s = \"émoji: 👩‍💻 and ∑∫√\"",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(BUNDLED_MODEL)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_one_token_at_a_time_concatenates_to_the_text(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids), "test text should split characters"
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("x = 1\n"))
+    deltas = [detok.add([t], final=(i == len(ids) - 1)) for i, t in enumerate(ids)]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 5])
+def test_chunks_of_several_tokens(tokenizer, chunk):
+    text = "".join(TEXTS)
+    ids = tokenizer.encode(text)
+    detok = IncrementalDetokenizer(tokenizer, [])
+    parts = [ids[i:i + chunk] for i in range(0, len(ids), chunk)]
+    out = "".join(detok.add(p, final=(i == len(parts) - 1)) for i, p in enumerate(parts))
+    assert out == text
+
+
+def test_hold_back_is_bounded(tokenizer):
+    """Invalid bytes that never complete a character are released after a few tokens."""
+    lone = [t for t in range(len(tokenizer)) if tokenizer.decode([t]) == "\ufffd"]
+    assert lone, "the byte-level vocabulary has lone continuation bytes"
+    detok = IncrementalDetokenizer(tokenizer, [])
+    deltas = [detok.add([lone[0]]) for _ in range(MAX_HELD_TOKENS + 1)]
+    assert "".join(deltas) != ""

@@ -1,0 +1,61 @@
+"""Continuous-batching bookkeeping over integers (no model)."""
+
+import pytest
+
+from engine.kv_cache import SlotAllocator
+from engine.request import EngineRequest, Sequence, SequenceStatus
+from engine.scheduler import Scheduler
+
+
+def _seq(i: int) -> Sequence:
+    return Sequence(EngineRequest(f"r{i}", (1, 2, 3), 4))
+
+
+def test_admits_fcfs_up_to_max_num_seqs_and_backfills_freed_slots():
+    sched = Scheduler(max_num_seqs=2)
+    seqs = [_seq(i) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    out = sched.schedule()
+    assert [s.request_id for s in out.prefill] == ["r0", "r1"] and out.decode == []
+    assert [s.slot for s in out.prefill] == [0, 1]
+    assert seqs[2].status == SequenceStatus.WAITING
+    out = sched.schedule()
+    assert out.prefill == [] and [s.request_id for s in out.decode] == ["r0", "r1"]
+    sched.finish(seqs[0], SequenceStatus.FINISHED_LENGTH)
+    assert seqs[0].slot is None
+    out = sched.schedule()
+    assert [s.request_id for s in out.prefill] == ["r2"] and seqs[2].slot == 0
+    assert [s.request_id for s in out.decode] == ["r1"]
+
+
+def test_finishing_a_waiting_sequence_removes_it():
+    sched = Scheduler(max_num_seqs=1)
+    a, b = _seq(0), _seq(1)
+    sched.add(a)
+    sched.add(b)
+    sched.schedule()
+    assert sched.find("r1") is b
+    sched.finish(b, SequenceStatus.FINISHED_ABORTED)
+    assert sched.find("r1") is None and not sched.waiting
+    assert b.status.is_finished and b.status.finish_reason == "abort"
+
+
+def test_status_order_puts_finished_states_last():
+    live = [SequenceStatus.WAITING, SequenceStatus.RUNNING]
+    done = [SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+            SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_ERROR]
+    assert max(live) < min(done)
+    assert not any(s.is_finished for s in live) and all(s.is_finished for s in done)
+
+
+def test_slot_allocator_refuses_double_free_and_exhaustion():
+    slots = SlotAllocator(2)
+    a, b = slots.allocate(), slots.allocate()
+    assert (a, b) == (0, 1) and not slots.can_allocate()
+    with pytest.raises(RuntimeError):
+        slots.allocate()
+    slots.free(a)
+    with pytest.raises(ValueError):
+        slots.free(a)
+    assert slots.allocate() == 0
