@@ -83,7 +83,10 @@ class AsyncEngine:
         target = self._streams.get(request_id)
         if target is not None:
             loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, item)
+            except RuntimeError:  # the caller's event loop has closed: nobody is listening
+                self._streams.pop(request_id, None)
 
     def _drain_inbox(self, block: bool) -> None:
         while True:
@@ -97,22 +100,32 @@ class AsyncEngine:
             if kind == "add":
                 try:
                     self.core.add_request(payload)
-                except ValueError as exc:
+                except Exception as exc:  # InvalidRequestError, or anything unexpected
                     self._deliver(payload.request_id, exc)
-            elif kind == "abort":
-                self.core.abort_request(payload)
+            elif kind == "abort" and self.core.abort_request(payload) is not None:
+                self._observe(self.core.queue_stats())
+
+    def _observe(self, stats) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_step(stats)
+
+    def _step(self) -> None:
+        try:
+            outputs, stats = self.core.step()
+        except Exception as exc:  # a bug or a device error: fail the live requests, go on
+            logger.exception("engine step failed")
+            outputs, stats = self.core.fail_all(f"internal engine error: {exc}"), self.core.queue_stats()
+        for out in outputs:
+            self._deliver(out.request_id, out)
+        self._observe(stats)
 
     def _run(self) -> None:
         while not self._stopping:
-            self._drain_inbox(block=not self.core.has_work())
-            if self._stopping or not self.core.has_work():
-                continue
             try:
-                outputs, stats = self.core.step()
-            except Exception as exc:  # a bug or device error: fail this step's requests, go on
-                logger.exception("engine step failed")
-                outputs, stats = self.core.fail_all(f"internal engine error: {exc}"), None
-            for out in outputs:
-                self._deliver(out.request_id, out)
-            if stats is not None and self.metrics is not None:
-                self.metrics.observe_step(stats)
+                self._drain_inbox(block=not self.core.has_work())
+                if not self._stopping and self.core.has_work():
+                    self._step()
+            except Exception as exc:  # never let the thread die with requests waiting on it
+                logger.exception("engine loop error")
+                for request_id in list(self._streams):
+                    self._deliver(request_id, RuntimeError(f"internal engine error: {exc}"))

@@ -36,20 +36,22 @@ class IncrementalDetokenizer:
     def add(self, token_ids: list[int], final: bool = False) -> str:
         """Append tokens; return the text that became complete (``""`` while held back).
 
-        When the text ends inside a character, the last one to :data:`MAX_HELD_TOKENS` tokens are
-        held back and the rest goes out. ``final`` flushes everything (the sequence finished).
+        The longest prefix of the pending tokens that decodes to whole characters goes out; the
+        rest waits. If nothing decodes cleanly and more than :data:`MAX_HELD_TOKENS` tokens
+        wait, the bytes are invalid rather than split, and the oldest pending token goes out
+        as it decodes. ``final`` flushes everything (the sequence finished).
         """
         self.ids.extend(token_ids)
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        for hold in range(MAX_HELD_TOKENS + 1):
-            end = len(self.ids) - hold
-            if end <= self.read_offset:
-                break
-            text = self._decode(self.ids[self.prefix_offset:end])
-            if final or not text.endswith("\ufffd"):
-                return self._advance(text, prefix_text, end)
-        if len(self.ids) - self.read_offset > MAX_HELD_TOKENS:  # invalid bytes, not a split character
+        if final:
             return self._advance(self._decode(self.ids[self.prefix_offset:]), prefix_text, len(self.ids))
+        for end in range(len(self.ids), self.read_offset, -1):
+            text = self._decode(self.ids[self.prefix_offset:end])
+            if not text.endswith("\ufffd"):
+                return self._advance(text, prefix_text, end)
+        if len(self.ids) - self.read_offset > MAX_HELD_TOKENS:
+            end = self.read_offset + 1
+            return self._advance(self._decode(self.ids[self.prefix_offset:end]), prefix_text, end)
         return ""
 
     def _advance(self, text: str, prefix_text: str, end: int) -> str:

@@ -153,6 +153,11 @@ class EngineCore:
         stats.num_waiting = len(self.scheduler.waiting)
         return outputs, stats
 
+    def queue_stats(self) -> StepStats:
+        """Stats of no work done, with the current running and waiting counts (for the gauges)."""
+        return StepStats(num_running=len(self.scheduler.running),
+                         num_waiting=len(self.scheduler.waiting))
+
     def _decode(self, seqs: list[Sequence], stats: StepStats):
         k = self.num_speculations
         tokens, accepted = self.runner.decode_round(

@@ -44,7 +44,8 @@ class Scheduler:
         Newly admitted sequences are prefilled this step and decode from the next one, so one
         step's cost stays bounded by one prefill per new request plus one round.
         """
-        out = SchedulerOutput(decode=list(self.running))
+        # In slot order, so that a batch is often a contiguous slot range (a view, not a gather).
+        out = SchedulerOutput(decode=sorted(self.running, key=lambda s: s.slot))
         while self.waiting and self.slots.can_allocate():
             seq = self.waiting.popleft()
             seq.slot = self.slots.allocate()

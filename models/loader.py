@@ -86,6 +86,10 @@ def _shape(config) -> LlamaShape:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
             f"unsupported architecture {config.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        raise CheckpointError(f"rope_type {rope_type!r} is not supported (its tables depend on the "
+                              "sequence length); default, linear, llama3 and yarn are")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise CheckpointError("Llama checkpoints with attention_bias or mlp_bias are not supported")
     heads = config.num_attention_heads
@@ -96,6 +100,20 @@ def _shape(config) -> LlamaShape:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         rms_norm_eps=config.rms_norm_eps,
     )
+
+
+def _check_weights(folder: Path, weights: dict, shape: LlamaShape, config) -> None:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not getattr(config, "tie_word_embeddings", False):
+        names.append("lm_head.weight")
+    for i in range(shape.num_layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        names += [f"{p}self_attn.{x}_proj.weight" for x in "qkvo"]
+        names += [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise CheckpointError(f"{folder}: the weights lack {len(missing)} tensors, e.g. {missing[:3]}")
 
 
 def rope_tables(config, max_len: int, dtype: torch.dtype, device: str):
@@ -152,9 +170,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str = "auto",
     for file in _weight_files(folder):
         for name, tensor in load_file(file, device="cpu").items():
             weights[name] = tensor.to(device=device, dtype=torch_dtype)
-    missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in weights]
-    if missing:
-        raise CheckpointError(f"{folder}: weights lack {missing}")
+    _check_weights(folder, weights, shape, config)
     max_pos = config.max_position_embeddings
     cos, sin = rope_tables(config, rope_len or max_pos, torch_dtype, device)
     gen_file = folder / "generation_config.json"

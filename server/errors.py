@@ -67,5 +67,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception):
-        return JSONResponse(error_body(f"internal server error: {exc}", "internal_server_error",
-                                       None, 500), 500)
+        return JSONResponse(error_body(f"internal server error: {exc}", "server_error"), 500)

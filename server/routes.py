@@ -51,11 +51,13 @@ def _check_supported(body: CompletionRequest) -> None:
     if body.temperature:
         raise APIError(400, "sampling (temperature > 0) is not supported yet; use temperature 0",
                        "temperature")
-    if body.stop:
+    if body.stop not in (None, []):
         raise APIError(400, "stop strings are not supported yet", "stop")
-    for name in ("echo", "logprobs", "suffix"):
-        if getattr(body, name):
+    for name in ("logprobs", "suffix"):
+        if getattr(body, name) is not None:
             raise APIError(400, f"{name} is not supported yet", name)
+    if body.echo:
+        raise APIError(400, "echo is not supported yet", "echo")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
 
@@ -94,6 +96,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     if body.model != core.model_name:
         raise APIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
     _check_supported(body)
+    if not engine.is_healthy:
+        raise APIError(503, "the engine is not running", type="server_error")
     response_id = f"cmpl-{uuid.uuid4().hex}"
     requests = _build_requests(body, core, response_id)
     streams = [engine.generate(r) for r in requests]
@@ -102,8 +106,21 @@ async def create_completion(body: CompletionRequest, request: Request):
         return StreamingResponse(
             completion_events(streams, response_id, core.model_name, include_usage, body.n),
             media_type="text/event-stream")
-    results = await asyncio.gather(*(_collect(s) for s in streams))
+    results = await _gather_unless_disconnected(request, [_collect(s) for s in streams])
     return _completion_response(response_id, core.model_name, results, body.n)
+
+
+async def _gather_unless_disconnected(request: Request, coros: list, poll_seconds: float = 0.5):
+    """Await all ``coros``; if the client goes away first, cancel them (which aborts their
+    engine requests and frees their KV slots) instead of decoding for nobody."""
+    task = asyncio.ensure_future(asyncio.gather(*coros))
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=poll_seconds)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise APIError(499, "client disconnected")
 
 
 async def _collect(stream) -> dict:
@@ -115,7 +132,7 @@ async def _collect(stream) -> dict:
     except InvalidRequestError as exc:  # refused by the engine's own validation
         raise APIError(400, str(exc), exc.param) from exc
     if last.error:
-        raise APIError(500, last.error, type="internal_server_error")
+        raise APIError(500, last.error, type="server_error")
     return {"text": "".join(text), "out": last}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 from server.errors import error_body
@@ -58,19 +59,20 @@ async def completion_events(streams: list[AsyncIterator], response_id: str, mode
     """Turn the engine streams of all choices into OpenAI completion chunks, then ``[DONE]``."""
     prompt_tokens: dict[int, int] = {}
     completion_tokens: dict[int, int] = {}
+    created = int(time.time())  # one timestamp for every chunk of the response, as OpenAI does
     async for index, out in merge_streams(streams):
         if isinstance(out, Exception):
             yield sse(error_body(str(out), "invalid_request_error" if isinstance(out, ValueError)
-                                 else "internal_server_error"))
+                                 else "server_error"))
             break
         if out.error:
-            yield sse(error_body(out.error, "internal_server_error"))
+            yield sse(error_body(out.error, "server_error"))
             break
         prompt_tokens[index], completion_tokens[index] = out.num_prompt_tokens, out.num_output_tokens
         if not out.text and not out.finished:
             continue
         chunk = CompletionResponse(
-            id=response_id, model=model,
+            id=response_id, model=model, created=created,
             choices=[CompletionChoice(index=index, text=out.text, finish_reason=out.finish_reason)])
         body = chunk.model_dump(exclude_none=True)
         body["choices"][0]["logprobs"] = None
@@ -81,7 +83,8 @@ async def completion_events(streams: list[AsyncIterator], response_id: str, mode
     else:
         if include_usage:
             usage = usage_of(prompt_tokens, completion_tokens, n)
-            chunk = CompletionResponse(id=response_id, model=model, choices=[], usage=usage)
+            chunk = CompletionResponse(id=response_id, model=model, created=created, choices=[],
+                                       usage=usage)
             yield sse(chunk.model_dump(exclude_none=True))
     yield sse("[DONE]")
 

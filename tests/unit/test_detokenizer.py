@@ -45,3 +45,15 @@ def test_hold_back_is_bounded(tokenizer):
     detok = IncrementalDetokenizer(tokenizer, [])
     deltas = [detok.add([lone[0]]) for _ in range(MAX_HELD_TOKENS + 1)]
     assert "".join(deltas) != ""
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_invalid_bytes_before_a_character_do_not_corrupt_it(tokenizer, chunk):
+    """Lone continuation bytes (invalid) followed by an emoji, in speculative-sized chunks."""
+    lone = next(t for t in range(len(tokenizer)) if tokenizer.decode([t]) == "\ufffd")
+    ids = [lone] * 6 + tokenizer.encode("😀 done")
+    detok = IncrementalDetokenizer(tokenizer, [])
+    parts = [ids[i:i + chunk] for i in range(0, len(ids), chunk)]
+    out = "".join(detok.add(p, final=(i == len(parts) - 1)) for i, p in enumerate(parts))
+    assert out == tokenizer.decode(ids)
+    assert out.endswith("😀 done")
