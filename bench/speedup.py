@@ -108,6 +108,28 @@ def sweep(config: EngineConfig, prompts, max_tokens: int, batch_size: int,
     return rows
 
 
+def hf_reference(model_path: str, prompts, max_tokens: int, exit_layer: int, k: int) -> dict:
+    """The same prompts through ``transformers`` ``generate``: plain, and its own LayerSkip
+    assisted generation (``assistant_early_exit``), batch size 1, greedy, EOS suppressed."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+    def timed(**kwargs) -> float:
+        tokens, start = 0, time.perf_counter()
+        for p in prompts:
+            out = model.generate(torch.tensor([p]), max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False, **kwargs)
+            tokens += out.shape[1] - len(p)
+        return tokens / (time.perf_counter() - start)
+
+    plain = timed(assistant_early_exit=None)
+    spec = timed(assistant_early_exit=exit_layer, num_assistant_tokens=k,
+                 num_assistant_tokens_schedule="constant")
+    return {"hf_plain_tokens_per_second": plain, "hf_spec_tokens_per_second": spec,
+            "hf_speedup": spec / plain}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The benchmark's flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -123,6 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--sweep", action="store_true", help="grid over exit layer and k")
+    p.add_argument("--hf-reference", action="store_true",
+                   help="also time transformers generate, plain and with assistant_early_exit")
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
     return p.parse_args(argv)
 
@@ -160,6 +184,14 @@ def main(argv=None) -> None:
         print(f"acceptance rate:         {result['acceptance_rate']:8.3f}")
         print(f"mean accepted length:    {result['mean_accepted_length']:8.3f} tokens per round")
         print(f"greedy outputs differing from plain decoding: {result['greedy_mismatches']}")
+        if args.hf_reference:
+            result.update(hf_reference(args.model, prompts, args.max_tokens, result["exit_layer"],
+                                       result["num_speculations"]))
+            print(f"transformers generate, plain:               {result['hf_plain_tokens_per_second']:8.1f} tokens/s")
+            print(f"transformers generate, assistant_early_exit: {result['hf_spec_tokens_per_second']:8.1f} tokens/s "
+                  f"({result['hf_speedup']:.3f}x)")
+            print(f"this engine's self-speculation vs transformers plain: "
+                  f"{result['spec_tokens_per_second'] / result['hf_plain_tokens_per_second']:.3f}x")
     out = args.out or Path(__file__).parent / "results" / (
         f"speedup-{args.split}-b{args.batch_size}{'-sweep' if args.sweep else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

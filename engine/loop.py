@@ -55,12 +55,14 @@ class EngineCore:
 
     Raises (at construction):
         models.loader.CheckpointError: the checkpoint cannot be served.
-        ValueError: an exit layer or speculation count out of range.
+        ValueError: an exit layer or speculation count out of range, or CUDA asked for but absent.
     """
 
     def __init__(self, config: EngineConfig):
         torch.manual_seed(config.seed)
         self.config = config
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {config.device!r} was asked for but no CUDA device is available")
         hf_config = read_config(config.model)
         self.max_model_len = config.max_model_len or min(hf_config.max_position_embeddings,
                                                           DEFAULT_MAX_MODEL_LEN_CAP)

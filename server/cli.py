@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    core = EngineCore(engine_config(args))
+    try:
+        core = EngineCore(engine_config(args))
+    except ValueError as exc:  # CheckpointError included: name what is wrong, no traceback
+        raise SystemExit(f"layerskip-serve: {exc}") from None
     metrics = EngineMetrics(core.model_name)
     app = build_app(AsyncEngine(core, metrics), metrics)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -32,3 +32,13 @@ def test_errors_are_client_errors(oai):
         oai.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model="layerskip-stdlib", prompt="x", max_tokens=10**6)
+
+
+def test_a_missing_checkpoint_is_a_clear_start_up_error(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
