@@ -49,19 +49,23 @@ def tiny_model(tmp_path_factory) -> str:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
-def run_engine(core: EngineCore, prompts: list[list[int]], max_tokens: int = 24,
+def run_engine(core: EngineCore, prompts: list[list[int]], max_tokens: int | list[int] = 24,
                arrive_at: list[int] | None = None, **request_kwargs) -> dict[str, list]:
     """Drive ``core`` step by step; request ``i`` is added before step ``arrive_at[i]``.
 
+    ``max_tokens`` is one value for all requests or one per request.
     Returns ``{request_id: [RequestOutput, ...]}``.
     """
     arrive_at = arrive_at or [0] * len(prompts)
+    if isinstance(max_tokens, int):
+        max_tokens = [max_tokens] * len(prompts)
     pending = list(range(len(prompts)))
     outputs: dict[str, list] = {f"r{i}": [] for i in pending}
     step = 0
     while pending or core.has_work():
         for i in [i for i in pending if arrive_at[i] <= step]:
-            core.add_request(EngineRequest(f"r{i}", tuple(prompts[i]), max_tokens, **request_kwargs))
+            core.add_request(EngineRequest(f"r{i}", tuple(prompts[i]), max_tokens[i],
+                                           **request_kwargs))
             pending.remove(i)
         if core.has_work():
             for out in core.step()[0]:

@@ -20,9 +20,10 @@ PROMPTS = (
     "import os\nimport sys\n\n\ndef main(argv):\n    ",
     "class Queue:\n    \"\"\"A FIFO queue.\"\"\"\n\n    def __init__(self, maxsize=0):\n        self.",
     "    for i in range(len(",
+    "# Copyright 2001 Python Software Foundation\n\n\"\"\"Utilities for parsing dates.\"\"\"\n\n",
 )
-ARRIVALS = (0, 2, 5)
-MAX_TOKENS = 24
+ARRIVALS = (0, 2, 5, 6)
+MAX_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def setup(bundled_model, make_core):
     prompts = [plain.tokenizer.encode(p) for p in PROMPTS]
     single = tokens_of(run_engine(plain, prompts[:1], MAX_TOKENS))
     mixed = tokens_of(run_engine(plain, prompts, MAX_TOKENS, ARRIVALS))
+    assert len({len(p) for p in prompts}) == len(prompts), "prompt lengths should differ"
     return plain, prompts, single, mixed
 
 
@@ -64,6 +66,29 @@ def test_every_exit_layer_matches_plain_decoding(setup, make_core, bundled_model
                          max_num_seqs=4)
         _check(plain, prompts, single, tokens_of(run_engine(core, prompts[:1], MAX_TOKENS)))
         _check(plain, prompts, mixed, tokens_of(run_engine(core, prompts, MAX_TOKENS, ARRIVALS)))
+
+
+@pytest.mark.parametrize("k", (2, 5))
+def test_reused_slots_and_queued_requests_match_plain_decoding(setup, make_core, bundled_model, k):
+    """Three slots, four requests of different lengths: the short one leaves slot 1 so slots 0
+    and 2 decode as a gathered (non-contiguous) batch, and the queued request then takes slot 1
+    over the stale KV of the one that left."""
+    plain, prompts, _, _ = setup
+    lengths, arrivals = [30, 6, 25, 20], [0, 0, 0, 9]
+    kwargs = {"ignore_eos": True}
+    base = make_core(model=bundled_model, num_speculations=0, max_num_seqs=3)
+    expected = tokens_of(run_engine(base, prompts, lengths, arrivals, **kwargs))
+    spec = make_core(model=bundled_model, exit_layer=3, num_speculations=k, max_num_seqs=3)
+    seen_slots = []
+    real_round = spec.runner.decode_round
+
+    def spy(slots, *args):
+        seen_slots.append(list(slots))
+        return real_round(slots, *args)
+
+    spec.runner.decode_round = spy
+    _check(plain, prompts, expected, tokens_of(run_engine(spec, prompts, lengths, arrivals, **kwargs)))
+    assert [0, 2] in seen_slots, f"no non-contiguous batch was exercised: {seen_slots}"
 
 
 def test_full_model_draft_accepts_everything(setup, make_core, bundled_model):
