@@ -3,6 +3,6 @@
 ``client`` (the asyncio boundary) → ``loop`` (``step() = schedule → run → update → emit``) →
 ``scheduler`` (continuous batching over integers) and ``spec_decode`` (the self-speculative round
 over ``kv_cache``) → ``sampler`` (acceptance rule) → ``outputs`` (stop checks, ``detokenizer``)
-→ ``metrics`` (the only ``prometheus_client`` importer). This package file imports nothing, so
+→ ``metrics`` (the one module that talks to Prometheus). This package file imports nothing, so
 importing ``engine.config`` or ``engine.request`` does not load torch.
 """
