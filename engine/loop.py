@@ -84,6 +84,7 @@ class EngineCore:
         self.runner = SpecDecodeRunner(self.model, self.cache)
         self.scheduler = Scheduler(config.max_num_seqs)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._finished_outside_steps: list[FinishedStats] = []
         self.model_name = config.served_model_name or Path(config.model).name
         logger.info("engine ready: %d layers, exit_layer=%d, num_speculations=%d, "
                     "max_model_len=%d, KV cache %.1f MiB", L, self.exit_layer,
@@ -132,6 +133,7 @@ class EngineCore:
             return None
         status = SequenceStatus.FINISHED_ERROR if error else SequenceStatus.FINISHED_ABORTED
         self.scheduler.finish(seq, status)
+        self._finished_outside_steps.append(_finished_stats(seq, time.monotonic()))
         return make_output(seq, [], self.detokenizers.pop(request_id), error=error)
 
     def has_work(self) -> bool:
@@ -141,7 +143,7 @@ class EngineCore:
     def step(self) -> tuple[list[RequestOutput], StepStats]:
         """Admit, prefill the new sequences, run one round for the others, emit outputs."""
         sched = self.scheduler.schedule()
-        stats = StepStats()
+        stats = self.queue_stats()
         results: list[tuple[Sequence, list[int]]] = []
         for seq in sched.prefill:
             token = self.runner.prefill(seq.token_ids, seq.slot)
@@ -156,9 +158,13 @@ class EngineCore:
         return outputs, stats
 
     def queue_stats(self) -> StepStats:
-        """Stats of no work done, with the current running and waiting counts (for the gauges)."""
-        return StepStats(num_running=len(self.scheduler.running),
-                         num_waiting=len(self.scheduler.waiting))
+        """Stats of no work done: the running and waiting counts (for the gauges), and the
+        requests aborted or failed since the last stats (for ``request_success_total``)."""
+        stats = StepStats(num_running=len(self.scheduler.running),
+                          num_waiting=len(self.scheduler.waiting),
+                          finished=self._finished_outside_steps)
+        self._finished_outside_steps = []
+        return stats
 
     def _decode(self, seqs: list[Sequence], stats: StepStats):
         k = self.num_speculations

@@ -62,8 +62,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, exc.status_code),
-                            exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), exc.status_code)
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class StreamOptions(BaseModel):
     """``stream_options``: ``include_usage`` adds a last chunk with the totals."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
@@ -25,10 +25,11 @@ class CompletionRequest(BaseModel):
     """``POST /v1/completions``.
 
     ``temperature`` 0 or absent decodes greedily; sampling (``temperature > 0``) is refused with a
-    400 in this version. ``max_tokens`` null means "up to the context length".
+    400 in this version. ``max_tokens`` null means "up to the context length". Types are strict
+    (``"10"`` is not an integer, ``true`` is not a token id), as in the OpenAI API.
     """
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
     model: str
     prompt: Prompt
     max_tokens: int | None = Field(default=16, ge=1)
@@ -44,6 +45,10 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     user: str | None = None
     ignore_eos: bool = False
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    best_of: int | None = Field(default=None, ge=1)
+    logit_bias: dict[str, float] | None = None
 
 
 class CompletionChoice(BaseModel):

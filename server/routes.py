@@ -7,6 +7,7 @@ comes back; they never touch tensors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 from fastapi import APIRouter, Request
@@ -58,6 +59,13 @@ def _check_supported(body: CompletionRequest) -> None:
             raise APIError(400, f"{name} is not supported yet", name)
     if body.echo:
         raise APIError(400, "echo is not supported yet", "echo")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise APIError(400, f"{name} is not supported yet", name)
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported yet", "logit_bias")
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, "best_of other than n is not supported", "best_of")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
 
@@ -70,7 +78,16 @@ def _tokenize(prompt, tokenizer) -> list[list[int]]:
         raise APIError(400, "prompt must not be empty", "prompt")
     if isinstance(prompt[0], int):
         return [list(prompt)]
-    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise APIError(400, f"prompt is not valid Unicode: {exc.reason}", "prompt") from exc
+            p = tokenizer.encode(p)
+        out.append(list(p))
+    return out
 
 
 def _build_requests(body: CompletionRequest, core, response_id: str) -> list[EngineRequest]:
@@ -120,6 +137,8 @@ async def _gather_unless_disconnected(request: Request, coros: list, poll_second
             return task.result()
         if await request.is_disconnected():
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
             raise APIError(499, "client disconnected")
 
 

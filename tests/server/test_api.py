@@ -106,9 +106,18 @@ def _metric(client, name: str) -> float:
     ({"model": MODEL, "prompt": 5}, 400, "prompt"),
     ({"model": MODEL}, 400, "prompt"),
     ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"model": MODEL, "prompt": "\ud800"}, 400, "prompt"),
+    ({"model": MODEL, "prompt": ["ok", "\udfff"], "stream": True}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": [True, False]}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 0}, 400, "logprobs"),
 ])
 def test_bad_requests_get_openai_errors_and_the_engine_survives(client, body, status, param):
-    r = client.post("/v1/completions", json=body)
+    r = client.post("/v1/completions", content=json.dumps(body),  # ASCII-escaped, like most clients
+                    headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
@@ -119,6 +128,31 @@ def test_context_overflow_names_both_numbers(client):
     limit = client.get("/v1/models").json()["data"][0]["max_model_len"]
     err = _complete(client, max_tokens=limit).json()["error"]
     assert str(limit) in err["message"] and f"{limit} for the completion" in err["message"]
+
+
+def test_aborted_requests_are_counted_and_leave_the_gauges_at_zero(client):
+    import asyncio
+
+    engine = client.app.state.engine
+    core = engine.core
+    prompt = tuple(core.tokenizer.encode(PROMPT))
+
+    async def abandon():
+        from engine.request import EngineRequest
+
+        stream = engine.generate(EngineRequest("abandoned", prompt, 200, ignore_eos=True))
+        await stream.__anext__()
+        await stream.aclose()  # what a client that goes away does: the request is aborted
+
+    before = client.app.state.metrics.registry.get_sample_value(
+        "layerskip_request_success_total", {"model_name": MODEL, "finished_reason": "abort"}) or 0
+    client.portal.call(abandon)
+    _complete(client, max_tokens=2)  # a later step publishes the abort
+    after = client.app.state.metrics.registry.get_sample_value(
+        "layerskip_request_success_total", {"model_name": MODEL, "finished_reason": "abort"})
+    assert after == before + 1
+    assert _metric(client, "layerskip_num_requests_running") == 0
+    assert _metric(client, "layerskip_num_requests_waiting") == 0
 
 
 def test_malformed_json_is_a_400(client):
