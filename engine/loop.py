@@ -167,7 +167,9 @@ class EngineCore:
         return stats
 
     def _decode(self, seqs: list[Sequence], stats: StepStats):
-        k = self.num_speculations
+        # No drafts past what any sequence of the batch may still emit (a round gives k + 1).
+        room = max(s.request.max_tokens - s.num_output_tokens for s in seqs)
+        k = min(self.num_speculations, room - 1)
         tokens, accepted = self.runner.decode_round(
             [s.slot for s in seqs], [s.token_ids[-1] for s in seqs],
             [s.num_computed_tokens for s in seqs], self.exit_layer, k)
