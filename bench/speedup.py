@@ -144,6 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=3, help="plain/speculative run pairs (median kept)")
     p.add_argument("--sweep", action="store_true", help="grid over exit layer and k")
     p.add_argument("--hf-reference", action="store_true",
                    help="also time transformers generate, plain and with assistant_early_exit")
@@ -172,12 +173,19 @@ def main(argv=None) -> None:
         print(f"best: exit_layer={best['exit_layer']} num_speculations={best['num_speculations']} "
               f"speedup {best['speedup']:.3f}x")
     else:
-        plain = plain_baseline(config, prompts, args.max_tokens, args.batch_size)
-        result = {**header, **compare(config, prompts, args.max_tokens, args.batch_size, plain)}
+        runs = []
+        for _ in range(args.repeats):  # alternate plain and speculative runs; report the median
+            plain = plain_baseline(config, prompts, args.max_tokens, args.batch_size)
+            runs.append(compare(config, prompts, args.max_tokens, args.batch_size, plain))
+        runs.sort(key=lambda r: r["speedup"])
+        result = {**header, **runs[len(runs) // 2], "repeats": args.repeats,
+                  "speedups": [r["speedup"] for r in runs],
+                  "greedy_mismatches": sum(r["greedy_mismatches"] for r in runs)}
         print(f"prompts: {len(prompts)} from the {args.split} split, {args.prompt_tokens} tokens each; "
               f"{args.max_tokens} new tokens each, greedy, batch size {args.batch_size}, "
               f"{args.device}, {torch.get_num_threads()} threads")
-        print(f"exit_layer={result['exit_layer']} num_speculations={result['num_speculations']}")
+        print(f"exit_layer={result['exit_layer']} num_speculations={result['num_speculations']}; "
+              f"median of {args.repeats} runs (speedups {', '.join(f'{x:.3f}' for x in result['speedups'])})")
         print(f"plain decoding (k=0):    {result['plain_tokens_per_second']:8.1f} tokens/s")
         print(f"self-speculative:        {result['spec_tokens_per_second']:8.1f} tokens/s")
         print(f"speedup:                 {result['speedup']:8.3f}x")
