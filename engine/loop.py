@@ -55,12 +55,15 @@ class EngineCore:
 
     Raises (at construction):
         models.loader.CheckpointError: the checkpoint cannot be served.
-        ValueError: an exit layer or speculation count out of range, or CUDA asked for but absent.
+        ValueError: an exit layer, speculation count or ``max_num_seqs`` out of range, or CUDA
+            asked for but absent.
     """
 
     def __init__(self, config: EngineConfig):
         torch.manual_seed(config.seed)
         self.config = config
+        if config.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {config.max_num_seqs}")
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {config.device!r} was asked for but no CUDA device is available")
         hf_config = read_config(config.model)

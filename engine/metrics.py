@@ -41,6 +41,7 @@ class EngineMetrics:
     def __init__(self, model_name: str, window_seconds: float = 30.0):
         self.registry = CollectorRegistry()
         self.window_seconds = window_seconds
+        self._started = time.monotonic()
         self._window: deque[tuple[float, int, int, int]] = deque()
         self._lock = threading.Lock()
         labels, r = ["model_name"], self.registry
@@ -111,8 +112,10 @@ class EngineMetrics:
 
     def _window_tokens_per_second(self) -> float:
         with self._lock:
-            self._trim(time.monotonic())
-            return sum(w[3] for w in self._window) / self.window_seconds
+            now = time.monotonic()
+            self._trim(now)
+            span = min(self.window_seconds, max(now - self._started, 1e-3))  # young servers
+            return sum(w[3] for w in self._window) / span
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

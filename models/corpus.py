@@ -1,8 +1,10 @@
 """The training corpus: the Python standard library's own source files.
 
 Every machine with CPython has them (PSF licence), so the bundled model can be rebuilt anywhere
-without a download. The split is deterministic: a file's bucket is a hash of its path relative
-to the standard-library folder, so it does not depend on the order of a directory listing.
+without a download. The held-out files are a fixed list, ``heldout_files.json`` (paths relative
+to the standard-library folder), made once on Python 3.11.7 by hashing each path
+(:func:`hash_bucket`); every other file is training data, so a newer Python's new files can only
+ever be trained on, never leak into the held-out sets.
 
 - ``train``: about 90 % of the files; the tokenizer and the model see only these.
 - ``valid``: about 5 %; the model card's held-out loss and exit agreement, and the choice of the
@@ -13,7 +15,9 @@ to the standard-library folder, so it does not depend on the order of a director
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import sysconfig
 from pathlib import Path
 
@@ -25,16 +29,35 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+HELDOUT_FILE = Path(__file__).resolve().parent / "heldout_files.json"
+
+
+def hash_bucket(relative_path: str) -> str:
+    """The rule that made the held-out lists: ``sha256(path) % 100`` → 0–89 train, 90–94 valid,
+    95–99 test."""
+    bucket = int(hashlib.sha256(relative_path.encode()).hexdigest(), 16) % 100
+    if bucket < 90:
+        return "train"
+    return "valid" if bucket < 95 else "test"
+
+
+@functools.lru_cache(maxsize=1)
+def heldout() -> dict[str, frozenset[str]]:
+    """The committed held-out lists: ``{"valid": paths, "test": paths}``."""
+    data = json.loads(HELDOUT_FILE.read_text())
+    return {split: frozenset(data[split]) for split in ("valid", "test")}
+
+
 def split_of(relative_path: str) -> str:
     """Return the split (``train``/``valid``/``test``) that a file belongs to.
 
     Args:
         relative_path: the path relative to :func:`stdlib_root`, with ``/`` separators.
     """
-    bucket = int(hashlib.sha256(relative_path.encode()).hexdigest(), 16) % 100
-    if bucket < 90:
-        return "train"
-    return "valid" if bucket < 95 else "test"
+    for split, paths in heldout().items():
+        if relative_path in paths:
+            return split
+    return "train"
 
 
 def stdlib_files(split: str) -> list[Path]:

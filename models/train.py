@@ -282,6 +282,9 @@ tested, with no download.
   (byte-level BPE), context {args.seq_len} tokens, tied embeddings; {n_params / 1e6:.2f}M parameters.
 - Training: {args.steps} steps × {args.batch_size} × {args.seq_len} tokens in {seconds / 60:.1f} min
   on {torch.get_num_threads()} CPU threads; train split only (`models/corpus.py`).
+- Early-exit loss: exits {args.exit_layers}, {args.curriculum} curriculum (R = {args.rotation}),
+  `{args.exit_weighting}` exit weights (e_scale {args.e_scale}), self-distillation weight
+  {args.distill_weight}; layer dropout p_max {args.p_max}.
 - Made by: `{stats['command']}`
 
 ## Held-out figures (`valid` split, {stats['tokens']} tokens)

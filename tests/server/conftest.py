@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import httpx
@@ -48,7 +48,9 @@ def live_server():
     """``layerskip-serve`` as a subprocess on a free loopback port; yields its base URL."""
     port = free_port()
     env = {**os.environ, "LAYERSKIP_PORT": str(port)}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--max-num-seqs", "4"], env=env,
+    command = shutil.which("layerskip-serve")
+    assert command, "the layerskip-serve console script is not installed (pip install -e .)"
+    proc = subprocess.Popen([command, "--max-num-seqs", "4"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -7,7 +7,7 @@ import pytest
 
 from models import corpus
 from models.train import (enabled_exits, exit_weights, expected_speedup, layer_dropout_rates,
-                          main, parse_exits)
+                          main, parse_exits, pick_defaults)
 
 
 def test_layer_dropout_rises_exponentially_from_zero_to_p_max():
@@ -36,16 +36,22 @@ def test_parse_exits_rejects_the_last_layer():
         parse_exits("1-8", 8)
 
 
-def test_expected_speedup_is_one_token_per_round_at_zero_acceptance():
-    assert expected_speedup(0.0, 2, 1, 8) < 1.0
-    assert expected_speedup(0.9, 2, 4, 16) > 1.5
+def test_expected_speedup_formula():
+    # α = 0: one token per round; a round costs k·(E+1) + E + (L−E) + 1 calls against L + 1.
+    assert expected_speedup(0.0, 2, 1, 8) == pytest.approx(9 / (3 + 2 + 6 + 1))
+    # α = 0.5, k = 2: (1 − 0.5³) / 0.5 = 1.75 tokens per round.
+    assert expected_speedup(0.5, 4, 2, 16) == pytest.approx(1.75 * 17 / (10 + 4 + 12 + 1))
 
 
-def test_split_is_deterministic_and_disjoint():
-    train, valid, test = (set(corpus.stdlib_files(s)) for s in corpus.SPLITS)
-    assert train and valid and test
+def test_held_out_lists_are_the_hash_rule_on_this_python_and_never_trained_on():
+    root = corpus.stdlib_root()
+    train, valid, test = ({p.relative_to(root).as_posix() for p in corpus.stdlib_files(s)}
+                          for s in corpus.SPLITS)
+    assert len(valid) > 50 and len(test) > 50
+    assert valid == set(corpus.heldout()["valid"]) and test == set(corpus.heldout()["test"])
     assert not (train & valid or train & test or valid & test)
-    assert corpus.split_of("json/decoder.py") == corpus.split_of("json/decoder.py")
+    assert all(corpus.hash_bucket(p) == "test" for p in test)
+    assert all(corpus.hash_bucket(p) == "train" for p in list(train)[:200])
 
 
 def test_training_smoke_run_writes_a_servable_checkpoint(tmp_path):
@@ -58,7 +64,10 @@ def test_training_smoke_run_writes_a_servable_checkpoint(tmp_path):
                  "generation_config.json", "README.md"):
         assert (out / name).exists(), name
     gen = json.loads((out / "generation_config.json").read_text())
-    assert 1 <= gen["assistant_early_exit"] <= 3 and gen["num_assistant_tokens"] >= 0
+    stats = json.loads((out / "train_stats.json").read_text())
+    assert len(stats["agreement"]) == 4 and stats["agreement"][-1] == 1.0
+    exit_layer, k, _ = pick_defaults(stats["agreement"], 4)
+    assert (gen["assistant_early_exit"], gen["num_assistant_tokens"]) == (exit_layer, k)
     from engine.config import EngineConfig
     from engine.loop import EngineCore
     from tests.conftest import run_engine, tokens_of
