@@ -87,3 +87,24 @@ def test_unsupported_architecture_is_named(tiny_model, tmp_path):
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_loads_and_stays_close_to_float32(tiny_model, make_core, dtype):
+    """The CUDA default (bf16) and fp16 run the same code; on the CPU they load, cast every weight
+    and the KV cache, and their logits stay near fp32's."""
+    full = load_checkpoint(tiny_model, "cpu", "float32").model
+    half = load_checkpoint(tiny_model, "cpu", dtype).model
+    assert half.dtype == getattr(torch, dtype) and half.layers[0]["qkv"].dtype == half.dtype
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = _ours_prefill_then_decode(full, ids, 8, 2)
+        got = _ours_prefill_then_decode(half, ids, 8, 2)
+    assert got.dtype == torch.float32
+    assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+    core = make_core(model=tiny_model, dtype=dtype, exit_layer=2, num_speculations=3)
+    assert core.cache.k[0].dtype == getattr(torch, dtype)
+    from tests.conftest import run_engine, tokens_of
+
+    out = tokens_of(run_engine(core, [[5, 6, 7, 8]], 12, ignore_eos=True))["r0"]
+    assert len(out) == 12 and all(0 <= t < 4096 for t in out)
