@@ -49,6 +49,34 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     @property
+    def model_name(self) -> str:
+        """The name the API serves the model under."""
+        return self.core.model_name
+
+    @property
+    def model_path(self) -> str:
+        """The checkpoint folder."""
+        return self.core.config.model
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt plus completion limit (tokens)."""
+        return self.core.max_model_len
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` (the checkpoint's tokenizer, its special tokens added)."""
+        return self.core.tokenizer.encode(text)
+
+    def validate(self, prompt_token_ids, max_tokens: int) -> None:
+        """Check a request against the model's limits before submitting it (no engine state is
+        touched, so this is safe from the asyncio thread).
+
+        Raises:
+            engine.request.InvalidRequestError: see ``EngineCore.validate``.
+        """
+        self.core.validate(prompt_token_ids, max_tokens)
+
+    @property
     def is_healthy(self) -> bool:
         """Whether the engine thread is alive."""
         return self._thread.is_alive() and not self._stopping

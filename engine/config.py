@@ -20,6 +20,7 @@ class EngineConfig:
         num_speculations: draft tokens per round ``k``; 0 turns speculation off (plain decoding);
             ``None`` takes ``num_assistant_tokens`` from the generation config.
         max_num_seqs: sequences decoded together (one KV cache slot each).
+        max_num_batched_tokens: prompt tokens prefilled per step (tokens), at least one prompt.
         max_model_len: prompt plus completion limit (tokens); ``None`` takes the model's
             ``max_position_embeddings``, capped at :data:`DEFAULT_MAX_MODEL_LEN_CAP`.
         seed: seed of torch's global generator at start-up (weights are loaded, not drawn).
@@ -32,6 +33,7 @@ class EngineConfig:
     exit_layer: int | None = None
     num_speculations: int | None = None
     max_num_seqs: int = 8
+    max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     seed: int = 0
 

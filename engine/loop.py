@@ -85,7 +85,7 @@ class EngineCore:
         self.cache = KVCache(L, config.max_num_seqs, s.num_kv_heads, cache_len, s.head_dim,
                              self.model.dtype, self.model.device)
         self.runner = SpecDecodeRunner(self.model, self.cache)
-        self.scheduler = Scheduler(config.max_num_seqs)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._finished_outside_steps: list[FinishedStats] = []
         self.model_name = config.served_model_name or Path(config.model).name

@@ -1,8 +1,10 @@
 """Continuous batching over integers: which sequences run this step.
 
 Plain Python (no tensors). Waiting sequences are admitted first-come first-served while a KV
-cache slot is free; a finished sequence leaves at once and frees its slot, so a request that
-arrives while others decode joins the batch at the next step.
+cache slot is free and the step's prompt-token budget (vLLM's ``max_num_batched_tokens``) lasts,
+so a burst of long prompts cannot stall the running sequences' decoding for long; a finished
+sequence leaves at once and frees its slot, so a request that arrives while others decode joins
+the batch at the next step.
 """
 
 from __future__ import annotations
@@ -23,9 +25,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """FCFS admission up to ``max_num_seqs`` running sequences (one KV slot each)."""
+    """FCFS admission up to ``max_num_seqs`` running sequences (one KV slot each).
 
-    def __init__(self, max_num_seqs: int):
+    Args:
+        max_num_seqs: concurrent sequences.
+        max_num_batched_tokens: prompt tokens prefilled per step (tokens); the first waiting
+            sequence is admitted even when its prompt alone is longer.
+    """
+
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int = 2048):
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.slots = SlotAllocator(max_num_seqs)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -46,8 +55,12 @@ class Scheduler:
         """
         # In slot order, so that a batch is often a contiguous slot range (a view, not a gather).
         out = SchedulerOutput(decode=sorted(self.running, key=lambda s: s.slot))
+        budget = self.max_num_batched_tokens
         while self.waiting and self.slots.can_allocate():
+            if out.prefill and self.waiting[0].num_prompt_tokens > budget:
+                break
             seq = self.waiting.popleft()
+            budget -= seq.num_prompt_tokens
             seq.slot = self.slots.allocate()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -23,6 +23,7 @@ FLAGS = (
     ("dtype", str, "auto", "auto, float32, float16 or bfloat16"),
     ("device", str, "cpu", "cpu or cuda"),
     ("max-num-seqs", int, 8, "sequences decoded together"),
+    ("max-num-batched-tokens", int, 2048, "prompt tokens prefilled per step"),
     ("max-model-len", int, None, "prompt + completion limit in tokens (default: the model's)"),
     ("seed", int, 0, "random seed"),
     ("log-level", str, "info", "debug, info, warning or error"),
@@ -49,6 +50,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model or str(BUNDLED_MODEL), served_model_name=args.served_model_name,
         device=args.device, dtype=args.dtype, exit_layer=args.exit_layer,
         num_speculations=args.num_speculations, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, seed=args.seed,
     )
 

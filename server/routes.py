@@ -43,9 +43,9 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     """The one served model, with its context length (``max_model_len``, tokens)."""
-    core = _engine(request).core
-    return ModelList(data=[ModelCard(id=core.model_name, root=core.config.model,
-                                     max_model_len=core.max_model_len)])
+    engine = _engine(request)
+    return ModelList(data=[ModelCard(id=engine.model_name, root=engine.model_path,
+                                     max_model_len=engine.max_model_len)])
 
 
 def _check_supported(body: CompletionRequest) -> None:
@@ -70,7 +70,7 @@ def _check_supported(body: CompletionRequest) -> None:
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
 
 
-def _tokenize(prompt, tokenizer) -> list[list[int]]:
+def _tokenize(prompt, engine) -> list[list[int]]:
     """The prompt field (a string, strings, token ids, or lists of token ids) → token id lists."""
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -85,17 +85,17 @@ def _tokenize(prompt, tokenizer) -> list[list[int]]:
                 p.encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise APIError(400, f"prompt is not valid Unicode: {exc.reason}", "prompt") from exc
-            p = tokenizer.encode(p)
+            p = engine.tokenize(p)
         out.append(list(p))
     return out
 
 
-def _build_requests(body: CompletionRequest, core, response_id: str) -> list[EngineRequest]:
+def _build_requests(body: CompletionRequest, engine, response_id: str) -> list[EngineRequest]:
     requests = []
-    for p, ids in enumerate(_tokenize(body.prompt, core.tokenizer)):
-        max_tokens = body.max_tokens or max(1, core.max_model_len - len(ids))
+    for p, ids in enumerate(_tokenize(body.prompt, engine)):
+        max_tokens = body.max_tokens or max(1, engine.max_model_len - len(ids))
         try:
-            core.validate(ids, max_tokens)
+            engine.validate(ids, max_tokens)
         except InvalidRequestError as exc:
             param = exc.param if body.max_tokens or exc.param != "max_tokens" else "prompt"
             raise APIError(400, str(exc), param) from exc
@@ -109,22 +109,21 @@ def _build_requests(body: CompletionRequest, core, response_id: str) -> list[Eng
 async def create_completion(body: CompletionRequest, request: Request):
     """OpenAI ``POST /v1/completions``: choices indexed prompt-major (``P × n``)."""
     engine = _engine(request)
-    core = engine.core
-    if body.model != core.model_name:
+    if body.model != engine.model_name:
         raise APIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
     _check_supported(body)
     if not engine.is_healthy:
         raise APIError(503, "the engine is not running", type="server_error")
     response_id = f"cmpl-{uuid.uuid4().hex}"
-    requests = _build_requests(body, core, response_id)
+    requests = _build_requests(body, engine, response_id)
     streams = [engine.generate(r) for r in requests]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            completion_events(streams, response_id, core.model_name, include_usage, body.n),
+            completion_events(streams, response_id, engine.model_name, include_usage, body.n),
             media_type="text/event-stream")
     results = await _gather_unless_disconnected(request, [_collect(s) for s in streams])
-    return _completion_response(response_id, core.model_name, results, body.n)
+    return _completion_response(response_id, engine.model_name, results, body.n)
 
 
 async def _gather_unless_disconnected(request: Request, coros: list, poll_seconds: float = 0.5):

@@ -7,8 +7,8 @@ from engine.request import EngineRequest, Sequence, SequenceStatus
 from engine.scheduler import Scheduler
 
 
-def _seq(i: int) -> Sequence:
-    return Sequence(EngineRequest(f"r{i}", (1, 2, 3), 4))
+def _seq(i: int, prompt_len: int = 3) -> Sequence:
+    return Sequence(EngineRequest(f"r{i}", tuple(range(1, prompt_len + 1)), 4))
 
 
 def test_admits_fcfs_up_to_max_num_seqs_and_backfills_freed_slots():
@@ -59,3 +59,13 @@ def test_slot_allocator_refuses_double_free_and_exhaustion():
     with pytest.raises(ValueError):
         slots.free(a)
     assert slots.allocate() == 0
+
+
+def test_prompt_token_budget_spreads_admissions_over_steps():
+    sched = Scheduler(max_num_seqs=8, max_num_batched_tokens=10)
+    for i, n in enumerate([4, 5, 3, 20, 2]):
+        sched.add(_seq(i, n))
+    assert [s.request_id for s in sched.schedule().prefill] == ["r0", "r1"]  # 4 + 5 ≤ 10 < 12
+    assert [s.request_id for s in sched.schedule().prefill] == ["r2"]  # 3, then 20 does not fit
+    assert [s.request_id for s in sched.schedule().prefill] == ["r3"]  # alone, although > 10
+    assert [s.request_id for s in sched.schedule().prefill] == ["r4"]
