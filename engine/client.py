@@ -155,5 +155,14 @@ class AsyncEngine:
                     self._step()
             except Exception as exc:  # never let the thread die with requests waiting on it
                 logger.exception("engine loop error")
-                for request_id in list(self._streams):
-                    self._deliver(request_id, RuntimeError(f"internal engine error: {exc}"))
+                self._fail_everything(f"internal engine error: {exc}")
+
+    def _fail_everything(self, message: str) -> None:
+        """Last resort: finish every live sequence (so the loop cannot spin on them) and wake
+        every waiting caller with the error."""
+        try:
+            self.core.fail_all(message)
+        except Exception:  # the core itself is broken; the callers still get their error below
+            logger.exception("could not fail the live requests")
+        for request_id in list(self._streams):
+            self._deliver(request_id, RuntimeError(message))

@@ -98,3 +98,34 @@ def test_a_failing_step_errors_its_requests_and_the_engine_keeps_serving(cores, 
     assert failed[-1].finish_reason == "error" and "injected fault" in failed[-1].error
     assert [t for o in ok for t in o.token_ids] == expected
     assert plain.scheduler.slots.num_free == plain.config.max_num_seqs
+
+
+def test_a_broken_inbox_fails_live_requests_instead_of_spinning(bundled_model, make_core, monkeypatch):
+    """An error outside a step (here: while reading the inbox) errors the callers, frees the
+    live sequences, and the engine serves the next request."""
+    core = make_core(model=bundled_model, num_speculations=2)
+    prompt = tuple(core.tokenizer.encode(PROMPT))
+    engine = AsyncEngine(core)
+    real_drain = engine._drain_inbox
+    calls = {"n": 0}
+
+    def flaky(block):
+        real_drain(block)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the request has been added; now the loop itself fails
+            raise RuntimeError("inbox fault")
+
+    monkeypatch.setattr(engine, "_drain_inbox", flaky)
+
+    async def scenario():
+        engine.start()
+        try:
+            with pytest.raises(RuntimeError, match="inbox fault"):
+                [o async for o in engine.generate(EngineRequest("a", prompt, 64))]
+            return [o async for o in engine.generate(EngineRequest("b", prompt, 4))]
+        finally:
+            engine.shutdown()
+
+    later = asyncio.run(scenario())
+    assert later[-1].finish_reason == "length" and later[-1].num_output_tokens == 4
+    assert core.scheduler.slots.num_free == core.config.max_num_seqs
