@@ -1,0 +1,1 @@
+"""Third-party clients (lm-evaluation-harness, guidellm) against a live ``layerskip-serve``."""
