@@ -67,6 +67,27 @@ class AsyncEngine:
         """Token ids of ``text`` (the checkpoint's tokenizer, its special tokens added)."""
         return self.core.tokenizer.encode(text)
 
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` (special tokens skipped)."""
+        return self.core.tokenizer.decode(token_ids, skip_special_tokens=True,
+                                          clean_up_tokenization_spaces=False)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
+                            ) -> list[int]:
+        """The prompt tokens of a conversation, through the checkpoint's chat template.
+
+        Raises:
+            engine.request.InvalidRequestError: the checkpoint has no chat template, or the
+                template refuses the messages (``param`` is ``messages``).
+        """
+        return self.core.apply_chat_template(messages, add_generation_prompt)
+
+    @property
+    def default_sampling(self) -> dict:
+        """Sampling defaults from the checkpoint's generation config (``temperature``,
+        ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty`` where it sets them)."""
+        return self.core.default_sampling
+
     def validate(self, prompt_token_ids, max_tokens: int) -> None:
         """Check a request against the model's limits before submitting it (no engine state is
         touched, so this is safe from the asyncio thread).
@@ -75,6 +96,14 @@ class AsyncEngine:
             engine.request.InvalidRequestError: see ``EngineCore.validate``.
         """
         self.core.validate(prompt_token_ids, max_tokens)
+
+    def validate_request(self, request: EngineRequest) -> None:
+        """:meth:`validate` plus the request's extras (read-only, safe from the asyncio thread).
+
+        Raises:
+            engine.request.InvalidRequestError: see ``EngineCore.validate_request``.
+        """
+        self.core.validate_request(request)
 
     @property
     def is_healthy(self) -> bool:
@@ -143,9 +172,9 @@ class AsyncEngine:
         except Exception as exc:  # a bug or a device error: fail the live requests, go on
             logger.exception("engine step failed")
             outputs, stats = self.core.fail_all(f"internal engine error: {exc}"), self.core.queue_stats()
+        self._observe(stats)  # before delivering, so a finished request is already counted
         for out in outputs:
             self._deliver(out.request_id, out)
-        self._observe(stats)
 
     def _run(self) -> None:
         while not self._stopping:

@@ -17,13 +17,17 @@ class EngineConfig:
             ``"bfloat16"``.
         exit_layer: LayerSkip's exit layer ``E`` (the draft runs layers ``[0, E)``); ``None``
             takes ``assistant_early_exit`` from the checkpoint's generation config.
-        num_speculations: draft tokens per round ``k``; 0 turns speculation off (plain decoding);
-            ``None`` takes ``num_assistant_tokens`` from the generation config.
+        num_speculations: the most draft tokens per round ``k_max``; 0 turns speculation off
+            (plain decoding); ``None`` takes ``num_assistant_tokens`` from the generation config,
+            else :data:`DEFAULT_NUM_SPECULATIONS`.
+        adaptive_speculation: lower each sequence's drafts per round (down to 0) while its
+            acceptance is too low to pay (:mod:`engine.speculation`); False drafts ``k_max``.
         max_num_seqs: sequences decoded together (one KV cache slot each).
         max_num_batched_tokens: prompt tokens prefilled per step (tokens), at least one prompt.
         max_model_len: prompt plus completion limit (tokens); ``None`` takes the model's
             ``max_position_embeddings``, capped at :data:`DEFAULT_MAX_MODEL_LEN_CAP`.
-        seed: seed of torch's global generator at start-up (weights are loaded, not drawn).
+        seed: seed of the keys of requests without their own ``seed`` (so a whole run is
+            reproducible for the same arrivals), and of torch's global generator.
     """
 
     model: str
@@ -32,6 +36,7 @@ class EngineConfig:
     dtype: str = "auto"
     exit_layer: int | None = None
     num_speculations: int | None = None
+    adaptive_speculation: bool = True
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -43,3 +48,6 @@ DEFAULT_MAX_MODEL_LEN_CAP = 8192
 
 MAX_NUM_SPECULATIONS = 32
 """The largest ``num_speculations``; the KV cache keeps this much room past ``max_model_len``."""
+
+DEFAULT_NUM_SPECULATIONS = 4
+"""``k_max`` for checkpoints whose generation config names none (adaptation lowers it)."""

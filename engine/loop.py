@@ -6,6 +6,7 @@ thread. Tests drive it directly, step by step.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,14 +14,17 @@ from pathlib import Path
 
 import torch
 
-from engine.config import DEFAULT_MAX_MODEL_LEN_CAP, MAX_NUM_SPECULATIONS, EngineConfig
+from engine.config import (DEFAULT_MAX_MODEL_LEN_CAP, DEFAULT_NUM_SPECULATIONS,
+                           MAX_NUM_SPECULATIONS, EngineConfig)
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCache
 from engine.outputs import append_with_stops, make_output
 from engine.request import (EngineRequest, InvalidRequestError, RequestOutput, Sequence,
-                            SequenceStatus)
+                            SequenceStatus, TokenLogprob)
+from engine.sampler import SamplingBatch
 from engine.scheduler import Scheduler
-from engine.spec_decode import SpecDecodeRunner
+from engine.spec_decode import RoundOutput, SpecDecodeRunner
+from engine.speculation import SpeculationPolicy, SpecState
 from models.loader import load_checkpoint, read_config
 
 logger = logging.getLogger(__name__)
@@ -73,8 +77,10 @@ class EngineCore:
         ck = load_checkpoint(config.model, config.device, config.dtype, rope_len=cache_len)
         self.model, self.tokenizer = ck.model, ck.tokenizer
         gen_cfg, L = ck.generation_config, self.model.num_layers
+        self.generation_config = gen_cfg
         self.exit_layer = _pick(config.exit_layer, gen_cfg.get("assistant_early_exit"), max(1, L // 4))
-        self.num_speculations = _pick(config.num_speculations, gen_cfg.get("num_assistant_tokens"), 0)
+        self.num_speculations = _pick(config.num_speculations, gen_cfg.get("num_assistant_tokens"),
+                                      DEFAULT_NUM_SPECULATIONS)
         if not 1 <= self.exit_layer <= L:
             raise ValueError(f"exit_layer must be in 1..{L}, got {self.exit_layer}")
         if not 0 <= self.num_speculations <= MAX_NUM_SPECULATIONS:
@@ -85,6 +91,10 @@ class EngineCore:
         self.cache = KVCache(L, config.max_num_seqs, s.num_kv_heads, cache_len, s.head_dim,
                              self.model.dtype, self.model.device)
         self.runner = SpecDecodeRunner(self.model, self.cache)
+        self.policy = SpeculationPolicy(L, _head_cost(self.model), config.adaptive_speculation)
+        self.generator = torch.Generator(device=self.model.device).manual_seed(config.seed)
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(
+            lambda i: self.tokenizer.decode([i], clean_up_tokenization_spaces=False))
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._finished_outside_steps: list[FinishedStats] = []
@@ -99,18 +109,18 @@ class EngineCore:
         return self.model.shape.vocab_size
 
     def validate(self, prompt_token_ids, max_tokens: int) -> None:
-        """Check a request against the model's limits.
+        """Check a prompt and ``max_tokens`` against the model's limits.
 
         Raises:
             InvalidRequestError: an empty prompt, a token id outside the vocabulary,
-                ``max_tokens < 1``, or prompt plus ``max_tokens`` over ``max_model_len`` (both
+                ``max_tokens < 0``, or prompt plus ``max_tokens`` over ``max_model_len`` (both
                 numbers named); its ``param`` is ``prompt`` or ``max_tokens``.
         """
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty", "prompt")
-        if max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+        if max_tokens < 0:
+            raise InvalidRequestError(f"max_tokens must be at least 0, got {max_tokens}", "max_tokens")
         bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError(
@@ -121,10 +131,57 @@ class EngineCore:
                 f"you requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for "
                 "the completion). Please reduce the prompt or max_tokens.", "max_tokens")
 
-    def add_request(self, request: EngineRequest) -> None:
-        """Queue a request (validated with :meth:`validate`; raises its ``ValueError``)."""
+    def validate_request(self, request: EngineRequest) -> None:
+        """:meth:`validate`, plus the speculation extras and ``stop_token_ids``.
+
+        Raises:
+            InvalidRequestError: a value out of range, naming the parameter.
+        """
         self.validate(request.prompt_token_ids, request.max_tokens)
+        L = self.model.num_layers
+        if request.exit_layer is not None and not 1 <= request.exit_layer <= L:
+            raise InvalidRequestError(f"exit_layer must be in 1..{L}, got {request.exit_layer}",
+                                      "exit_layer")
+        k = request.num_speculations
+        if k is not None and not 0 <= k <= MAX_NUM_SPECULATIONS:
+            raise InvalidRequestError(
+                f"num_speculations must be in 0..{MAX_NUM_SPECULATIONS}, got {k}", "num_speculations")
+        bad = [t for t in request.sampling.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"stop_token_ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})",
+                "stop_token_ids")
+
+    @property
+    def default_sampling(self) -> dict:
+        """The sampling defaults the checkpoint's generation config sets (vLLM's behaviour)."""
+        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        return {k: self.generation_config[k] for k in keys if self.generation_config.get(k) is not None}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
+                            ) -> list[int]:
+        """Render ``messages`` with the tokenizer's chat template (transformers) and tokenize.
+
+        Raises:
+            InvalidRequestError: no chat template, or the template refused the messages.
+        """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError(
+                "this model has no chat template; use /v1/completions, or serve a checkpoint "
+                "whose tokenizer_config.json or chat_template.jinja defines one", "messages")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # jinja2 TemplateError, raise_exception() in the template
+            raise InvalidRequestError(f"the chat template refused the messages: {exc}",
+                                      "messages") from exc
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request (validated with :meth:`validate_request`; raises its ``ValueError``)."""
+        self.validate_request(request)
         seq = Sequence(request)
+        seq.spec = SpecState()
         self.detokenizers[seq.request_id] = IncrementalDetokenizer(self.tokenizer,
                                                                    request.prompt_token_ids)
         self.scheduler.add(seq)
@@ -147,15 +204,19 @@ class EngineCore:
         """Admit, prefill the new sequences, run one round for the others, emit outputs."""
         sched = self.scheduler.schedule()
         stats = self.queue_stats()
-        results: list[tuple[Sequence, list[int]]] = []
-        for seq in sched.prefill:
-            token = self.runner.prefill(seq.token_ids, seq.slot)
-            seq.num_computed_tokens = seq.num_prompt_tokens
-            stats.num_prompt_tokens += seq.num_prompt_tokens
-            results.append((seq, [token]))
+        results: list[tuple[Sequence, RoundOutput, int]] = []
+        for group in _prefill_groups(sched.prefill):
+            out = self.runner.prefill(
+                [s.token_ids for s in group], [s.slot for s in group], self._sampling(group),
+                [s.request.sampling.logprobs for s in group],
+                [s.request.sampling.prompt_logprobs for s in group])
+            for row, seq in enumerate(group):
+                seq.num_computed_tokens = seq.num_prompt_tokens
+                stats.num_prompt_tokens += seq.num_prompt_tokens
+                results.append((seq, out, row))
         if sched.decode:
             results.extend(self._decode(sched.decode, stats))
-        outputs = [self._emit(seq, tokens, stats) for seq, tokens in results]
+        outputs = [self._emit(seq, out, row, stats) for seq, out, row in results]
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
         return outputs, stats
@@ -169,41 +230,99 @@ class EngineCore:
         self._finished_outside_steps = []
         return stats
 
-    def _decode(self, seqs: list[Sequence], stats: StepStats):
-        # No drafts past what any sequence of the batch may still emit (a round gives k + 1).
-        room = max(s.request.max_tokens - s.num_output_tokens for s in seqs)
-        k = min(self.num_speculations, room - 1)
-        tokens, accepted = self.runner.decode_round(
-            [s.slot for s in seqs], [s.token_ids[-1] for s in seqs],
-            [s.num_computed_tokens for s in seqs], self.exit_layer, k)
-        for seq, toks, j in zip(seqs, tokens, accepted):
-            seq.num_computed_tokens += j + 1  # rollback: drafts past j are stale and masked
-            if k:
-                seq.num_drafts += 1
-                seq.num_draft_tokens += k
-                seq.num_accepted_tokens += j
-                stats.num_drafts += 1
-                stats.num_draft_tokens += k
-                stats.num_accepted_tokens += j
-        return list(zip(seqs, tokens))
+    def _sampling(self, seqs: list[Sequence]) -> SamplingBatch:
+        """The rows' sampling state; each row's first logits predict position
+        ``num_computed_tokens + 1`` (the prompt length at prefill)."""
+        return SamplingBatch.build(
+            [s.request.sampling for s in seqs], [s.request.sampling.seed or 0 for s in seqs],
+            [max(s.num_computed_tokens + 1, s.num_prompt_tokens) for s in seqs],
+            [s.token_ids[:s.num_prompt_tokens] for s in seqs], [s.output_token_ids for s in seqs],
+            self.vocab_size, self.model.device, self.generator)
 
-    def _emit(self, seq: Sequence, tokens: list[int], stats: StepStats) -> RequestOutput:
+    def _plan(self, seq: Sequence) -> tuple[int, int]:
+        """A sequence's ``(exit_layer, k)`` this round: its own or the engine's exit layer; a
+        fixed ``k`` if the request set one, else the policy's; never more drafts than it may
+        still emit (a round gives ``k + 1`` tokens)."""
+        req = seq.request
+        exit_layer = req.exit_layer or self.exit_layer
+        if req.num_speculations is not None:
+            k = req.num_speculations
+        else:
+            k = self.policy.choose(seq.spec, self.num_speculations, exit_layer)
+        return exit_layer, max(0, min(k, req.max_tokens - seq.num_output_tokens - 1))
+
+    def _decode(self, seqs: list[Sequence], stats: StepStats):
+        """One round per group: the plain sequences together, the drafting ones by exit layer
+        (each with its own ``k``, the group drafting the largest)."""
+        plans = [self._plan(s) for s in seqs]
+        groups: dict[int | None, list[int]] = {}
+        for i, (exit_layer, k) in enumerate(plans):
+            groups.setdefault(exit_layer if k else None, []).append(i)
+        results = []
+        for exit_layer, members in groups.items():
+            group = [seqs[i] for i in members]
+            ks = [plans[i][1] for i in members]
+            out = self.runner.decode_round(
+                [s.slot for s in group], [s.token_ids[-1] for s in group],
+                [s.num_computed_tokens for s in group], exit_layer or self.exit_layer, max(ks),
+                self._sampling(group), ks, [s.request.sampling.logprobs for s in group])
+            for row, (seq, k) in enumerate(zip(group, ks)):
+                j = out.num_accepted[row]
+                seq.num_computed_tokens += j + 1  # rollback: drafts past j are stale and masked
+                if k:
+                    self.policy.observe(seq.spec, k, j, self.num_speculations,
+                                        exit_layer or self.exit_layer)
+                    seq.num_drafts += 1
+                    seq.num_draft_tokens += k
+                    seq.num_accepted_tokens += j
+                    stats.num_drafts += 1
+                    stats.num_draft_tokens += k
+                    stats.num_accepted_tokens += j
+                results.append((seq, out, row))
+        return results
+
+    def _emit(self, seq: Sequence, out: RoundOutput, row: int, stats: StepStats) -> RequestOutput:
         now = time.monotonic()
         if seq.first_token_time is None:
             seq.first_token_time = now
-        kept = append_with_stops(seq, tokens, self.eos_token_ids)
-        stats.num_generation_tokens += len(kept)
         detok = self.detokenizers[seq.request_id]
+        tokens = out.tokens[row] if seq.request.max_tokens > 0 else []
+        kept = append_with_stops(seq, tokens, self.eos_token_ids, detok)
+        if seq.request.max_tokens == 0:
+            seq.status = SequenceStatus.FINISHED_LENGTH
+        stats.num_generation_tokens += len(kept)
         if seq.status.is_finished:
             self.scheduler.finish(seq, seq.status)
             del self.detokenizers[seq.request_id]
             stats.finished.append(_finished_stats(seq, now))
-        return make_output(seq, kept, detok)
+        logprobs = out.logprobs[row]
+        return make_output(
+            seq, kept, detok,
+            logprobs=None if logprobs is None else self._logprobs(logprobs[:len(kept)]),
+            prompt_logprobs=None if out.prompt_logprobs is None
+            else self._logprobs(out.prompt_logprobs))
+
+    def _logprobs(self, entries) -> list[TokenLogprob]:
+        text = self._token_text
+        return [TokenLogprob(t, text(t), lp, [(text(i), i, v) for i, v in top])
+                for t, lp, top in entries]
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Finish every live request with ``error`` (after an unexpected exception in a step)."""
         live = list(self.scheduler.running) + list(self.scheduler.waiting)
         return [self.abort_request(seq.request_id, error=message) for seq in live]
+
+
+def _prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Prefills batched by prompt length; a sequence that wants prompt logprobs goes alone."""
+    groups: dict[int, list[Sequence]] = {}
+    alone = []
+    for seq in seqs:
+        if seq.request.sampling.prompt_logprobs is not None:
+            alone.append([seq])
+        else:
+            groups.setdefault(seq.num_prompt_tokens, []).append(seq)
+    return list(groups.values()) + alone
 
 
 def _finished_stats(seq: Sequence, now: float) -> FinishedStats:
@@ -219,6 +338,12 @@ def _pick(explicit, from_checkpoint, fallback):
     if explicit is not None:
         return explicit
     return from_checkpoint if from_checkpoint is not None else fallback
+
+
+def _head_cost(model) -> float:
+    """The LM head's parameters over one decoder layer's (its cost in layers at batch 1)."""
+    layer = sum(t.numel() for t in model.layers[0].values() if torch.is_tensor(t))
+    return model.lm_head.numel() / layer
 
 
 def _eos_ids(gen_cfg: dict, tokenizer) -> frozenset[int]:

@@ -20,15 +20,69 @@ class InvalidRequestError(ValueError):
 
 
 @dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens, and when to stop (OpenAI's fields, with vLLM's extras).
+
+    Attributes:
+        temperature: 0 decodes greedily (whatever ``top_p``/``top_k`` say); else logits / T.
+        top_p: nucleus sampling mass in (0, 1]; 1 keeps every token.
+        top_k: keep the ``top_k`` most likely tokens; 0 keeps all.
+        min_p: drop tokens below ``min_p`` × the most likely token's probability; 0 keeps all.
+        seed: makes the request reproducible whatever shares its batch, and identical with
+            speculation on or off (see :mod:`engine.sampler`); None draws a key from the engine.
+        presence_penalty, frequency_penalty: OpenAI's, in [-2, 2], on the generated tokens.
+        repetition_penalty: vLLM's (CTRL, Keskar et al. 2019), > 0, on prompt and generated
+            tokens; 1 is off.
+        stop: strings that end the completion; the returned text excludes them.
+        stop_token_ids: token ids that end the completion (kept, like EOS).
+        logprobs: return this many top log-probabilities (of the full model) per generated token,
+            plus the chosen token's; None returns none.
+        prompt_logprobs: the same for every prompt token (the first one has none).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are the (penalised) argmax."""
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any penalty changes the logits."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass(frozen=True)
 class EngineRequest:
     """One completion to generate (one prompt, one choice).
 
     Attributes:
         request_id: unique among live requests.
         prompt_token_ids: the prompt (tokens).
-        max_tokens: the most tokens to generate; exactly this many come out unless a stop comes first.
+        max_tokens: the most tokens to generate; exactly this many come out unless a stop comes
+            first. 0 only scores the prompt (with ``sampling.prompt_logprobs``).
         ignore_eos: keep generating past EOS.
         arrival_time: ``time.monotonic()`` when the server received it (seconds).
+        sampling: token choice and stops; greedy by default.
+        exit_layer: this request's draft exit layer (None: the engine's).
+        num_speculations: this request's drafts per round, fixed (0: speculation off; None: the
+            engine's, adapted to the request's acceptance).
     """
 
     request_id: str
@@ -36,6 +90,9 @@ class EngineRequest:
     max_tokens: int
     ignore_eos: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
+    sampling: SamplingParams = GREEDY
+    exit_layer: int | None = None
+    num_speculations: int | None = None
 
 
 class SequenceStatus(enum.IntEnum):
@@ -89,6 +146,10 @@ class Sequence:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.first_token_time: float | None = None
+        self.output_text = ""  # decoded output so far, cut at a stop string
+        self.num_sent_chars = 0  # of output_text, already handed out
+        self.stop_reason: int | str | None = None  # the stop string or token id that ended it
+        self.spec = None  # its adaptive-speculation state (engine.speculation.SpecState)
 
     @property
     def num_output_tokens(self) -> int:
@@ -99,6 +160,24 @@ class Sequence:
     def output_token_ids(self) -> list[int]:
         """The generated tokens."""
         return self.token_ids[self.num_prompt_tokens:]
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the full model, with the most likely alternatives.
+
+    Attributes:
+        token_id: the token.
+        token: its text (``tokenizer.decode([token_id])``).
+        logprob: natural log-probability (of the model's raw distribution, before temperature,
+            penalties or truncation, as vLLM's default ``raw_logprobs``).
+        top_logprobs: the ``n`` most likely ``(token text, token id, logprob)``, most likely first.
+    """
+
+    token_id: int
+    token: str
+    logprob: float
+    top_logprobs: list[tuple[str, int, float]]
 
 
 @dataclass
@@ -113,6 +192,9 @@ class RequestOutput:
         num_prompt_tokens, num_output_tokens: usage so far (tokens).
         num_draft_tokens, num_accepted_tokens: the request's speculation totals (tokens).
         error: the message when ``finish_reason == "error"``.
+        logprobs: one entry per token of ``token_ids`` when the request asked for logprobs.
+        prompt_logprobs: with the first output only, one entry per prompt token after the first.
+        stop_reason: the stop string or token id that finished the request (vLLM's field).
     """
 
     request_id: str
@@ -124,6 +206,9 @@ class RequestOutput:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+    stop_reason: int | str | None = None
 
     @property
     def finished(self) -> bool:

@@ -1,38 +1,281 @@
-"""Token choice and the speculative acceptance rule, behind one function each.
+"""Token choice and the speculative acceptance rules, on one round's logits.
 
-Greedy decoding only in this version: a draft token is accepted while it equals the full model's
-argmax at its position (the longest agreeing prefix), then the full model's own next token is
-emitted (LayerSkip §5.2; Leviathan et al. 2023 with temperature 0). Rejection sampling for
-``temperature > 0`` plugs into :func:`accept_drafts` with the same signature.
+Every row of a batch has its own :class:`~engine.request.SamplingParams`. Logits are processed in
+vLLM's order: repetition penalty (prompt and generated tokens), frequency and presence penalties
+(generated tokens), temperature, then top-k, top-p and min-p truncation. Draft and target
+distributions go through the same processing with the same token history (the drafts before a
+position count as generated), so the penalties act identically in drafting and verification.
+
+Three acceptance rules, chosen per row:
+
+- **greedy** (``temperature == 0``): accept the longest prefix of drafts equal to the full
+  model's argmax, then emit the full model's own argmax (LayerSkip §5.2).
+- **rejection sampling** (sampled, no ``seed``): accept draft ``d`` with probability
+  ``min(1, p(d) / q(d))``; at the first rejection emit a sample of ``norm(max(0, p − q))``; if all
+  ``k`` pass, emit a sample of ``p_k`` (Leviathan et al. 2023, Alg. 1; Chen et al. 2023, Alg. 2).
+  Every emitted token is distributed exactly as plain sampling from ``p``.
+- **coupled** (sampled, with ``seed``): the token at position ``n`` is
+  ``argmax(log p_n + g_n)`` with Gumbel noise ``g_n`` that depends only on the seed and ``n``
+  (the Gumbel-max trick), and the draft uses the same ``g_n`` on its own ``q_n``. A draft is
+  accepted when it equals the full model's sample. Plain decoding with the same seed draws the
+  same ``g_n``, so a seeded request's output is the same with speculation on or off, in any
+  batch; each token is still an exact sample from ``p_n``. Acceptance is somewhat lower than
+  rejection sampling's ``1 − TV(p, q)`` (at least ``(1 − TV)/(1 + TV)``).
+
+Seeded rows draw their noise from generators keyed by ``(seed, position)`` (:func:`noise_seed`), never from a shared one: a position's noise is only ever consumed once (a
+round starts past the token it last emitted), and a row's draws do not depend on what else is in
+the batch. Unseeded rows draw fresh noise for the whole batch at once from the engine's generator
+(seeded by ``EngineConfig.seed``, so a whole run repeats for the same arrivals).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from engine.request import SamplingParams
 
-def draft_token(logits: torch.Tensor) -> torch.Tensor:
-    """Choose each row's draft token: ``(B, 1, V)`` draft logits → ``(B, 1)`` token ids (greedy)."""
-    return logits.argmax(-1)
+_MASK64 = (1 << 64) - 1
 
 
-def accept_drafts(draft_tokens: torch.Tensor, target_logits: torch.Tensor):
-    """The acceptance rule: how many drafts each sequence keeps, and the tokens it emits.
+def noise_seed(key: int, position: int) -> int:
+    """A 63-bit generator seed from a request's seed and a token position (SplitMix64's mixer)."""
+    z = (key * 0x9E3779B97F4A7C15 + position * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+@dataclass
+class SamplingBatch:
+    """One round's per-row sampling state, built by :meth:`build`.
+
+    Attributes:
+        params: each row's parameters (``B``).
+        keys: each row's noise key (its seed, for seeded rows).
+        positions: each row's position of the token its first logits row predicts.
+        temperature: ``(B, 1, 1)``, 1.0 on greedy rows.
+        top_k, top_p, min_p: ``(B, 1, 1)`` or None when no row truncates that way.
+        presence, frequency, repetition: ``(B, 1, 1)`` or None when no row has penalties.
+        output_counts: ``(B, V)`` generated-token counts, or None without penalties.
+        seen: ``(B, V)`` bool, prompt or generated, or None without a repetition penalty.
+        generator: the engine's generator, for the unseeded rows' noise.
+    """
+
+    params: list[SamplingParams]
+    keys: list[int]
+    positions: list[int]
+    temperature: torch.Tensor
+    top_k: torch.Tensor | None = None
+    top_p: torch.Tensor | None = None
+    min_p: torch.Tensor | None = None
+    presence: torch.Tensor | None = None
+    frequency: torch.Tensor | None = None
+    repetition: torch.Tensor | None = None
+    output_counts: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def all_greedy_plain(self) -> bool:
+        """Greedy rows without penalties only: raw argmax suffices."""
+        return all(p.greedy and not p.has_penalties for p in self.params)
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], keys: list[int], positions: list[int],
+              prompts: list[list[int]], outputs: list[list[int]], vocab_size: int,
+              device, generator: torch.Generator | None = None) -> "SamplingBatch":
+        """Per-row tensors for ``B = len(params)`` rows.
+
+        Args:
+            prompts, outputs: each row's prompt and generated tokens (for the penalties).
+            vocab_size: ``V``.
+        """
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)[:, None, None]
+
+        sb = cls(params, keys, positions,
+                 column([1.0 if p.greedy else p.temperature for p in params]), generator=generator)
+        if any(p.top_k > 0 and not p.greedy for p in params):
+            sb.top_k = column([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.long)
+        if any(p.top_p < 1.0 and not p.greedy for p in params):
+            sb.top_p = column([p.top_p for p in params])
+        if any(p.min_p > 0.0 and not p.greedy for p in params):
+            sb.min_p = column([p.min_p for p in params])
+        if any(p.has_penalties for p in params):
+            sb.presence = column([p.presence_penalty for p in params])
+            sb.frequency = column([p.frequency_penalty for p in params])
+            sb.repetition = column([p.repetition_penalty for p in params])
+            sb.output_counts = _counts(outputs, vocab_size, device)
+            sb.seen = (sb.output_counts + _counts(prompts, vocab_size, device)) > 0
+        return sb
+
+
+def _counts(rows: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """``(B, V)`` float token counts of each row's tokens."""
+    counts = torch.zeros(len(rows), vocab_size, device=device)
+    index = [(b, t) for b, row in enumerate(rows) for t in row]
+    if index:
+        idx = torch.tensor(index, device=device)  # (N, 2)
+        counts.index_put_((idx[:, 0], idx[:, 1]), torch.ones(len(index), device=device),
+                          accumulate=True)
+    return counts
+
+
+def process_logits(logits: torch.Tensor, sb: SamplingBatch, drafts: torch.Tensor | None = None,
+                   start: int = 0) -> torch.Tensor:
+    """Penalties, temperature and truncation: ``(B, T, V)`` logits → ``(B, T, V)`` scores.
+
+    Scores are log-probabilities (``-inf`` for truncated tokens) on sampled rows and penalised
+    logits on greedy rows; either way the argmax is the greedy token.
 
     Args:
-        draft_tokens: ``(B, k)`` drafted tokens ``d_1..d_k`` (``k`` may be 0).
-        target_logits: ``(B, k + 1, V)`` full-model logits ``p_0..p_k``; ``p_i`` predicts the token
-            after the ``i``-th draft.
+        logits: fp32 logits; row ``t`` predicts the token after round index ``start + t``.
+        drafts: ``(B, R)`` this round's drafts so far; the history of round index ``r`` includes
+            ``drafts[:, :r]`` (they count as generated tokens).
+        start: the round index of ``logits[:, 0]``.
+    """
+    scores = logits.float()
+    if sb.output_counts is not None:
+        counts = sb.output_counts[:, None].expand_as(scores)  # (B, T, V)
+        if drafts is not None and drafts.shape[1]:
+            B, R = drafts.shape
+            onehot = torch.zeros(B, R, scores.shape[-1], device=scores.device)
+            onehot.scatter_(2, drafts[..., None], 1.0)  # (B, R, V)
+            cum = torch.cat([torch.zeros_like(onehot[:, :1]), onehot.cumsum(1)], 1)  # (B, R+1, V)
+            counts = counts + cum[:, start:start + scores.shape[1]]
+        seen = sb.seen[:, None] | (counts > 0)  # (B, T, V)
+        penalised = torch.where(scores > 0, scores / sb.repetition, scores * sb.repetition)
+        scores = torch.where(seen, penalised, scores)
+        scores = scores - sb.frequency * counts - sb.presence * (counts > 0).float()
+    scores = scores / sb.temperature
+    if sb.top_k is not None:
+        kth = scores.sort(-1, descending=True).values.gather(-1, sb.top_k.expand(
+            *scores.shape[:2], 1) - 1)  # (B, T, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sb.top_p is not None:
+        sorted_scores, order = scores.sort(-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        drop = probs.cumsum(-1) - probs > sb.top_p  # the most likely token is always kept
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if sb.min_p is not None:
+        probs = scores.softmax(-1)
+        scores = scores.masked_fill(probs < sb.min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    return scores.log_softmax(-1)
+
+
+def _gumbel(key: int, position: int, shape, device) -> torch.Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(noise_seed(key, position))
+    e = torch.empty(shape, device=device).exponential_(generator=gen)
+    return -e.log()
+
+
+def sample_tokens(scores: torch.Tensor, sb: SamplingBatch, start: int,
+                  rows: list[int] | None = None) -> torch.Tensor:
+    """Pick each row's token at every position: ``(B, T, V)`` scores → ``(B, T)``.
+
+    Greedy rows take the argmax; sampled rows the Gumbel-max sample: seeded rows with the noise
+    of ``(seed, position)`` (so a seeded draft shares the full model's noise), unseeded rows
+    with fresh noise. ``rows`` limits the noise to those rows (the others get the argmax).
+    """
+    rows = [b for b, p in enumerate(sb.params) if not p.greedy] if rows is None else rows
+    if not rows:
+        return scores.argmax(-1)
+    noise = torch.zeros_like(scores)
+    B, T, V = scores.shape
+    free = [b for b in rows if sb.params[b].seed is None]
+    if free:
+        noise[free] = _fresh_gumbel((len(free), T, V), sb)
+    for b in rows:
+        if sb.params[b].seed is None:
+            continue
+        for t in range(T):
+            noise[b, t] = _gumbel(sb.keys[b], sb.positions[b] + start + t, V, scores.device)
+    return (scores + noise).argmax(-1)
+
+
+def _fresh_gumbel(shape, sb: SamplingBatch) -> torch.Tensor:
+    e = torch.empty(shape, device=sb.temperature.device).exponential_(generator=sb.generator)
+    return -e.log()
+
+
+def accept_drafts(drafts: torch.Tensor, target_scores: torch.Tensor,
+                  sb: SamplingBatch | None = None, draft_scores: torch.Tensor | None = None,
+                  num_speculations: list[int] | None = None):
+    """The acceptance rule: how many drafts each row keeps, and the tokens it emits.
+
+    Args:
+        drafts: ``(B, k)`` drafted tokens ``d_1..d_k`` (``k`` may be 0).
+        target_scores: ``(B, k + 1, V)`` processed full-model scores (``log p_0..p_k``); ``p_i``
+            predicts the token after the ``i``-th draft. With ``sb`` None, raw logits (greedy).
+        sb: the rows' sampling state (None: all greedy, no penalties).
+        draft_scores: ``(B, k, V)`` processed draft scores (``log q``); may be None when every row
+            is greedy or coupled.
+        num_speculations: each row's own ``k_b ≤ k``; drafts past it are ignored (the row's
+            round is exactly a ``k_b``-draft round). Default: ``k`` for every row.
 
     Returns:
-        ``(tokens, num_accepted)``: ``tokens`` ``(B, k + 1)`` and ``num_accepted`` ``(B,)``.
-        Sequence ``b`` emits ``tokens[b, :num_accepted[b] + 1]``: its accepted drafts and the full
-        model's token after them. Under greedy decoding an accepted draft equals the full model's
-        argmax, so the emitted tokens are the argmaxes themselves.
+        ``(tokens, num_accepted)``: ``tokens`` ``(B, k + 1)`` and ``num_accepted`` ``(B,)``. Row
+        ``b`` emits ``tokens[b, :num_accepted[b] + 1]``: its accepted drafts and one token of
+        the full model after them.
     """
-    target = target_logits.argmax(-1)  # (B, k+1)
-    k = draft_tokens.shape[1]
-    if k == 0:
-        return target, torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
-    match = (draft_tokens == target[:, :k]).long()  # (B, k)
-    return target, match.cumprod(dim=1).sum(dim=1)
+    B, k = drafts.shape
+    dev = target_scores.device
+    if sb is None or all(p.greedy for p in sb.params):
+        target = target_scores.argmax(-1)  # (B, k+1)
+        ok = drafts == target[:, :k]
+        final_choices = target
+    else:
+        rejection = [b for b, p in enumerate(sb.params) if not p.greedy and p.seed is None]
+        noisy = [b for b, p in enumerate(sb.params)
+                 if not p.greedy and (p.seed is not None or k == 0)]
+        target = sample_tokens(target_scores, sb, 0, rows=noisy)  # greedy/coupled rows' tokens
+        ok = drafts == target[:, :k]
+        final_choices = target
+        if rejection and k:
+            ok[rejection] = _rejection_tests(drafts, draft_scores, target_scores, sb, rejection)
+    if num_speculations is not None:
+        ok &= torch.arange(k, device=dev)[None] < torch.tensor(num_speculations, device=dev)[:, None]
+    num_accepted = ok.long().cumprod(1).sum(1) if k else torch.zeros(B, dtype=torch.long, device=dev)
+    final = final_choices.gather(1, num_accepted[:, None])  # (B, 1)
+    if sb is not None and k:
+        final = _resample_rejected(final, num_accepted, drafts, draft_scores, target_scores, sb,
+                                   num_speculations)
+    tokens = torch.cat([drafts, drafts[:, :1]], 1) if k else final.clone()
+    tokens.scatter_(1, num_accepted[:, None], final)
+    return tokens, num_accepted
+
+
+def _rejection_tests(drafts, draft_scores, target_scores, sb, rows: list[int]) -> torch.Tensor:
+    """``(R, k)`` bool: ``u < p(d) / q(d)`` for each draft of the ``R`` rejection-sampled rows."""
+    k = drafts.shape[1]
+    d = drafts[rows][..., None]  # (R, k, 1)
+    log_p = target_scores[rows, :k].gather(-1, d)[..., 0]  # (R, k)
+    log_q = draft_scores[rows].gather(-1, d)[..., 0]  # (R, k)
+    u = torch.rand(len(rows), k, device=drafts.device, generator=sb.generator)  # (R, k)
+    return u.log() < log_p - log_q
+
+
+def _resample_rejected(final, num_accepted, drafts, draft_scores, target_scores, sb,
+                       num_speculations) -> torch.Tensor:
+    """Rejection-sampled rows: at a rejection the emitted token is a sample of
+    ``norm(max(0, p − q))``; with every draft accepted it is a sample of ``p`` (Leviathan et al.
+    2023, Alg. 1). Greedy and coupled rows keep ``final``."""
+    rows = [b for b, p in enumerate(sb.params) if not p.greedy and p.seed is None]
+    if not rows:
+        return final
+    k = drafts.shape[1]
+    dev = target_scores.device
+    j = num_accepted[rows]  # (R,)
+    k_b = torch.tensor([k if num_speculations is None else num_speculations[b] for b in rows],
+                       device=dev)
+    index = torch.arange(len(rows), device=dev)
+    log_p = target_scores[rows][index, j]  # (R, V)
+    log_q = draft_scores[rows][index, j.clamp_max(k - 1)]  # (R, V)
+    residual = (log_p.exp() - log_q.exp()).clamp_min(0)  # (R, V)
+    rejected = (j < k_b) & (residual.sum(-1) > 0)  # (R,)
+    dist = torch.where(rejected[:, None], residual.log(), log_p)  # (R, V)
+    final[rows] = (dist + _fresh_gumbel(dist.shape, sb)).argmax(-1, keepdim=True)
+    return final

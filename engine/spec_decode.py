@@ -8,7 +8,9 @@ sits at position ``c = num_computed_tokens``:
 2. **Verify**: ``d_k`` runs layers ``[0, E)`` at ``c + k``; layers ``[E, L)`` then run once over the
    ``k + 1`` cached exit states (positions ``c..c+k``), writing their KV; the head gives
    ``p_0..p_k``. Drafting's KV and exit states are reused, never recomputed.
-3. **Accept** with :func:`engine.sampler.accept_drafts`: ``j`` drafts plus one token.
+3. **Accept** with :func:`engine.sampler.accept_drafts` (greedy prefix match, rejection sampling,
+   or Gumbel coupling for seeded rows): ``j`` drafts plus one token. Each row may use fewer drafts
+   ``k_b ≤ k`` than the batch drafted (adaptive speculation); drafts past ``k_b`` are ignored.
 4. **Roll back**: the caller sets ``num_computed_tokens = c + j + 1``; stale KV past it is masked.
 
 Every sequence of the batch drafts in the same forward calls and keeps its own positions, mask
@@ -18,9 +20,34 @@ Cost per round in layer calls: ``k·E + E + (L − E)``; per round one host tran
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from engine.sampler import accept_drafts, draft_token
+from engine.sampler import SamplingBatch, accept_drafts, process_logits, sample_tokens
+
+PROMPT_LOGPROBS_CHUNK = 512  # prompt positions per log-softmax (bounds a (chunk, V) buffer)
+
+# One token's full-model log-probability: (token id, logprob, [(top id, top logprob), ...]).
+Logprob = tuple[int, float, list[tuple[int, float]]]
+
+
+@dataclass
+class RoundOutput:
+    """What a prefill or a round gives each row.
+
+    Attributes:
+        tokens: per row the ``j + 1`` tokens it emits.
+        num_accepted: per row ``j``, the drafts it accepted.
+        logprobs: per row, for rows that asked, one :data:`Logprob` per emitted token (else None).
+        prompt_logprobs: prefill only, when asked: one :data:`Logprob` per prompt token after
+            the first.
+    """
+
+    tokens: list[list[int]]
+    num_accepted: list[int]
+    logprobs: list[list[Logprob] | None]
+    prompt_logprobs: list[Logprob] | None = None
 
 
 class SpecDecodeRunner:
@@ -32,23 +59,50 @@ class SpecDecodeRunner:
         self.device = model.device
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], slot: int) -> int:
-        """Run all layers on a prompt of ``n`` tokens in ``slot``; return the next token (greedy).
+    def prefill(self, prompts: list[list[int]], slots: list[int], sb: SamplingBatch | None = None,
+                num_logprobs: list[int | None] | None = None,
+                num_prompt_logprobs: list[int | None] | None = None) -> RoundOutput:
+        """Run all layers on ``B`` prompts of the same length ``n``; sample each one's token at
+        position ``n``. Afterwards each slot's positions ``0..n−1`` hold valid KV in every layer.
 
-        Afterwards the slot's positions ``0..n−1`` hold valid KV in every layer.
+        Args:
+            prompts: ``B`` prompts of ``n`` tokens each.
+            slots: their cache slots.
+            sb: the rows' sampling state (None: greedy).
+            num_logprobs: per row, top log-probabilities to return with the sampled token.
+            num_prompt_logprobs: per row, top log-probabilities to return for each prompt token
+                (``prompt_logprobs`` holds the first such row's: send such rows one at a time).
         """
-        m, n = self.model, len(token_ids)
-        ids = torch.tensor([token_ids], device=self.device)  # (1, n)
-        positions = torch.arange(n, device=self.device)[None]  # (1, n)
-        batch = m.attention_batch(torch.tensor([slot], device=self.device), positions, n,
-                                  (slot, slot + 1))
-        hidden = m.forward_layers(m.embed(ids), 0, m.num_layers, self.cache, batch)
-        tokens, _ = accept_drafts(ids[:, :0], m.logits(hidden[:, -1:]))
-        return int(tokens[0, 0])
+        m, dev = self.model, self.device
+        B, n = len(prompts), len(prompts[0])
+        sb = None if sb is None or sb.all_greedy_plain else sb
+        ids = torch.tensor(prompts, device=dev)  # (B, n)
+        positions = torch.arange(n, device=dev)[None].expand(B, n)  # (B, n)
+        contiguous = slots == list(range(slots[0], slots[0] + B))
+        batch = m.attention_batch(torch.tensor(slots, device=dev), positions, n,
+                                  (slots[0], slots[0] + B) if contiguous else None)
+        hidden = m.forward_layers(m.embed(ids), 0, m.num_layers, self.cache, batch)  # (B, n, D)
+        out = self._finish(m.logits(hidden[:, -1:]), ids[:, :0], None, sb, None, num_logprobs)
+        wanted = [r for r, k in enumerate(num_prompt_logprobs or []) if k is not None]
+        if wanted:
+            r = wanted[0]
+            out.prompt_logprobs = self._prompt_logprobs(hidden[r, :-1], ids[r, 1:],
+                                                        num_prompt_logprobs[r])
+        return out
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, next_ids: torch.Tensor, n: int) -> list:
+        """``(n−1, D)`` hidden states and the ``(n−1,)`` tokens they predict → their logprobs."""
+        result = []
+        for lo in range(0, len(next_ids), PROMPT_LOGPROBS_CHUNK):
+            logits = self.model.logits(hidden[None, lo:lo + PROMPT_LOGPROBS_CHUNK])  # (1, C, V)
+            result.extend(_logprobs(logits, next_ids[None, lo:lo + PROMPT_LOGPROBS_CHUNK], n)[0])
+        return result
 
     @torch.inference_mode()
     def decode_round(self, slots: list[int], last_tokens: list[int], num_computed: list[int],
-                     exit_layer: int, k: int) -> tuple[list[list[int]], list[int]]:
+                     exit_layer: int, k: int, sb: SamplingBatch | None = None,
+                     num_speculations: list[int] | None = None,
+                     num_logprobs: list[int | None] | None = None) -> RoundOutput:
         """One round for a batch of ``B`` sequences.
 
         Args:
@@ -56,12 +110,13 @@ class SpecDecodeRunner:
             last_tokens: each sequence's last token (sampled, not yet run through the model).
             num_computed: each sequence's ``num_computed_tokens`` (the last token's position).
             exit_layer: ``E`` in ``1..L``.
-            k: speculations (0: plain decoding).
-
-        Returns:
-            ``(tokens, num_accepted)``: per sequence the ``j + 1`` tokens it emits, and ``j``.
+            k: speculations drafted for the batch (0: plain decoding).
+            sb: the rows' sampling state (None: greedy without penalties).
+            num_speculations: each row's own ``k_b ≤ k`` (default ``k``).
+            num_logprobs: each row's number of top logprobs, or None for no logprobs.
         """
         m, dev, B = self.model, self.device, len(slots)
+        fast = sb is None or sb.all_greedy_plain
         slot_t = torch.tensor(slots, device=dev)  # (B,)
         base = torch.tensor(num_computed, device=dev)[:, None]  # (B, 1)
         contiguous = slots == list(range(slots[0], slots[0] + B))
@@ -71,20 +126,54 @@ class SpecDecodeRunner:
         if k == 0:
             batch = m.attention_batch(slot_t, base, top + 1, slot_range)
             hidden = m.forward_layers(m.embed(tok), 0, m.num_layers, self.cache, batch)
-            tokens, accepted = accept_drafts(tok[:, :0], m.logits(hidden))
-        else:
-            exit_states, drafts = [], []
-            for i in range(k + 1):
-                batch = m.attention_batch(slot_t, base + i, top + i + 1, slot_range)
-                hidden = m.forward_layers(m.embed(tok), 0, exit_layer, self.cache, batch)
-                exit_states.append(hidden)  # (B, 1, D)
-                if i < k:
-                    tok = draft_token(m.logits(hidden))  # (B, 1)
-                    drafts.append(tok)
-            positions = base + torch.arange(k + 1, device=dev)  # (B, k+1)
-            batch = m.attention_batch(slot_t, positions, top + k + 1, slot_range)
-            hidden = m.forward_layers(torch.cat(exit_states, 1), exit_layer, m.num_layers,
-                                      self.cache, batch)  # (B, k+1, D)
-            tokens, accepted = accept_drafts(torch.cat(drafts, 1), m.logits(hidden))
-        rows = torch.cat([tokens, accepted[:, None]], 1).tolist()  # the round's one transfer
-        return [r[:r[-1] + 1] for r in rows], [r[-1] for r in rows]
+            return self._finish(m.logits(hidden), tok[:, :0], None, None if fast else sb,
+                                None, num_logprobs)
+        exit_states, drafts, draft_scores = [], [], []
+        for i in range(k + 1):
+            batch = m.attention_batch(slot_t, base + i, top + i + 1, slot_range)
+            hidden = m.forward_layers(m.embed(tok), 0, exit_layer, self.cache, batch)
+            exit_states.append(hidden)  # (B, 1, D)
+            if i < k:
+                logits = m.logits(hidden)  # (B, 1, V)
+                if fast:
+                    tok = logits.argmax(-1)  # (B, 1)
+                else:
+                    history = torch.cat(drafts, 1) if drafts else None  # (B, i)
+                    scores = process_logits(logits, sb, history, start=i)
+                    draft_scores.append(scores)
+                    tok = sample_tokens(scores, sb, i)
+                drafts.append(tok)
+        positions = base + torch.arange(k + 1, device=dev)  # (B, k+1)
+        batch = m.attention_batch(slot_t, positions, top + k + 1, slot_range)
+        hidden = m.forward_layers(torch.cat(exit_states, 1), exit_layer, m.num_layers,
+                                  self.cache, batch)  # (B, k+1, D)
+        return self._finish(m.logits(hidden), torch.cat(drafts, 1),
+                            torch.cat(draft_scores, 1) if draft_scores else None,
+                            None if fast else sb, num_speculations, num_logprobs)
+
+    def _finish(self, logits, drafts, draft_scores, sb, num_speculations, num_logprobs
+                ) -> RoundOutput:
+        """Accept, then move the round's tokens (and logprobs) to the host in one transfer each."""
+        target = logits if sb is None else process_logits(logits, sb, drafts, 0)
+        tokens, accepted = accept_drafts(drafts, target, sb, draft_scores, num_speculations)
+        rows = torch.cat([tokens, accepted[:, None]], 1).tolist()
+        logprobs: list = [None] * len(rows)
+        wanted = [b for b, n in enumerate(num_logprobs or []) if n is not None]
+        if wanted:
+            n_top = max(num_logprobs[b] for b in wanted)
+            per_row = _logprobs(logits[wanted], tokens[wanted], n_top)
+            for b, row in zip(wanted, per_row):
+                logprobs[b] = [(t, lp, top[:num_logprobs[b]]) for t, lp, top in row]
+        return RoundOutput([r[:r[-1] + 1] for r in rows], [r[-1] for r in rows],
+                           [lp[:r[-1] + 1] if lp else lp for lp, r in zip(logprobs, rows)])
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, n_top: int) -> list[list[Logprob]]:
+    """Raw full-model log-probabilities: ``(B, T, V)`` logits and ``(B, T)`` tokens → per row and
+    position ``(token, logprob, [(top id, top logprob)] * n_top)``."""
+    logp = logits.float().log_softmax(-1)  # (B, T, V)
+    chosen = logp.gather(-1, tokens[..., None])[..., 0].tolist()  # (B, T)
+    top_lp, top_ids = logp.topk(n_top, -1) if n_top else (logp[..., :0], tokens[..., None][..., :0])
+    top_lp, top_ids, toks = top_lp.tolist(), top_ids.tolist(), tokens.tolist()
+    return [[(toks[b][t], chosen[b][t], list(zip(top_ids[b][t], top_lp[b][t])))
+             for t in range(len(toks[b]))] for b in range(len(toks))]

@@ -1,6 +1,10 @@
-"""OpenAI request and response models (pydantic), with vLLM's extra fields where we support them.
+"""OpenAI request and response models (pydantic), with vLLM's extra fields.
 
-Unknown fields are ignored (clients such as guidellm send some). Field names are the OpenAI API's.
+Unknown fields are ignored (clients such as guidellm send some). Field names are the OpenAI API's;
+the extras are vLLM's (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
+``stop_token_ids``, ``stream_options.continuous_usage_stats``) and LayerSkip's (``exit_layer``,
+``num_speculations``). Types are strict (``"10"`` is not an integer, ``true`` is not a token id)
+and numbers finite, as in the OpenAI API.
 """
 
 from __future__ import annotations
@@ -10,45 +14,108 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_STOP_STRINGS = 4
+MAX_COMPLETION_LOGPROBS = 5
+MAX_CHAT_TOP_LOGPROBS = 20
+INT64 = 2**63
 
-class StreamOptions(BaseModel):
-    """``stream_options``: ``include_usage`` adds a last chunk with the totals."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+
+class StreamOptions(_Strict):
+    """``stream_options``: ``include_usage`` adds a last chunk with the totals;
+    ``continuous_usage_stats`` (vLLM) puts the running totals on every chunk."""
+
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingFields(_Strict):
+    """The fields completions and chat share: sampling, stops, and the extras."""
+
+    model: str
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
+    user: str | None = None
+    ignore_eos: bool = False
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    logit_bias: dict[str, float] | None = None
+    exit_layer: int | None = None
+    num_speculations: int | None = None
 
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(SamplingFields):
     """``POST /v1/completions``.
 
-    ``temperature`` 0 or absent decodes greedily; sampling (``temperature > 0``) is refused with a
-    400 in this version. ``max_tokens`` null means "up to the context length". Types are strict
-    (``"10"`` is not an integer, ``true`` is not a token id), as in the OpenAI API.
+    ``temperature`` absent takes the checkpoint's ``generation_config.json`` value, else 1.0 (as
+    vLLM); 0 decodes greedily. ``max_tokens`` null or absent means "up to the context length";
+    0 is allowed with ``echo`` (score the prompt only). ``logprobs`` 0..5.
     """
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
-    model: str
     prompt: Prompt
-    max_tokens: int | None = Field(default=16, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=16)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    max_tokens: int | None = Field(default=None, ge=0)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     suffix: str | None = None
-    seed: int | None = None
-    user: str | None = None
-    ignore_eos: bool = False
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     best_of: int | None = Field(default=None, ge=1)
-    logit_bias: dict[str, float] | None = None
+
+
+class TextPart(_Strict):
+    """A ``{"type": "text", "text": ...}`` content part."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message; ``content`` a string or a list of text parts."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``: the messages go through the checkpoint's chat template.
+
+    ``max_completion_tokens`` (or the older ``max_tokens``) null or absent means "up to the
+    context length". ``logprobs`` true returns the chosen tokens' logprobs, with
+    ``top_logprobs`` (0..20) alternatives each. ``tools`` are not supported (400).
+    """
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    tools: list[dict] | None = None
+    response_format: dict | None = None
+    add_generation_prompt: bool = True
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions ``logprobs`` object: one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
@@ -56,8 +123,9 @@ class CompletionChoice(BaseModel):
 
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class UsageInfo(BaseModel):
@@ -69,7 +137,8 @@ class UsageInfo(BaseModel):
 
 
 class SpecDecodeStats(BaseModel):
-    """The request's self-speculation totals (an extension field, ``spec_decode``)."""
+    """The request's self-speculation totals over all its choices (extension field
+    ``spec_decode``); ``acceptance_rate`` is accepted / drafted, null when nothing was drafted."""
 
     num_draft_tokens: int
     num_accepted_tokens: int
@@ -84,6 +153,56 @@ class CompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    spec_decode: SpecDecodeStats | None = None
+
+
+class TopLogprob(BaseModel):
+    """A chat alternative token."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    """A chat output token with its alternatives."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """The chat ``logprobs`` object."""
+
+    content: list[ChatTokenLogprob]
+
+
+class ChatResponseMessage(BaseModel):
+    """The assistant's message (or a stream delta of it)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    """One chat choice (``message``), or one chunk's choice (``delta``)."""
+
+    index: int
+    message: ChatResponseMessage | None = None
+    delta: ChatResponseMessage | None = None
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    """``chat.completion``, or a ``chat.completion.chunk``."""
+
+    id: str
+    object: Literal["chat.completion", "chat.completion.chunk"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
     usage: UsageInfo | None = None
     spec_decode: SpecDecodeStats | None = None
 

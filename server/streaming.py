@@ -1,19 +1,17 @@
-"""Server-sent events for streamed completions, and the merge of several choices' streams.
+"""Server-sent events for streamed completions and chats, and the merge of several choices' streams.
 
 Each engine output with new text (or a finish reason) becomes one ``data: {chunk}`` event in the
-OpenAI format; the stream ends with ``data: [DONE]``. With ``stream_options.include_usage`` every
-chunk carries ``"usage": null`` and one last chunk with ``"choices": []`` carries the totals.
+OpenAI format; the stream ends with ``data: [DONE]``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 
 from server.errors import error_body
-from server.protocol import CompletionChoice, CompletionResponse, UsageInfo
+from server.responses import spec_stats, usage_of
 
 
 async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
@@ -54,12 +52,18 @@ def sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-async def completion_events(streams: list[AsyncIterator], response_id: str, model: str,
-                            include_usage: bool, n: int) -> AsyncIterator[str]:
-    """Turn the engine streams of all choices into OpenAI completion chunks, then ``[DONE]``."""
+async def stream_events(streams: list[AsyncIterator], formatter, include_usage: bool,
+                        continuous_usage: bool, n: int) -> AsyncIterator[str]:
+    """Turn the engine streams of all choices into chunks (``formatter.chunk``), then ``[DONE]``.
+
+    With ``include_usage`` every chunk carries ``"usage": null`` (or, with
+    ``continuous_usage``, the running totals) and a last chunk with ``"choices": []`` carries the
+    totals and the speculation statistics; without it, the chunk that finishes the last choice
+    carries the statistics. An error ends the stream with an error event.
+    """
     prompt_tokens: dict[int, int] = {}
     completion_tokens: dict[int, int] = {}
-    created = int(time.time())  # one timestamp for every chunk of the response, as OpenAI does
+    last: dict[int, object] = {}
     async for index, out in merge_streams(streams):
         if isinstance(out, Exception):
             yield sse(error_body(str(out), "invalid_request_error" if isinstance(out, ValueError)
@@ -68,29 +72,20 @@ async def completion_events(streams: list[AsyncIterator], response_id: str, mode
         if out.error:
             yield sse(error_body(out.error, "server_error"))
             break
+        first = index not in last
+        last[index] = out
         prompt_tokens[index], completion_tokens[index] = out.num_prompt_tokens, out.num_output_tokens
-        if not out.text and not out.finished:
+        body = formatter.chunk(index, out, first)
+        if body is None:
             continue
-        chunk = CompletionResponse(
-            id=response_id, model=model, created=created,
-            choices=[CompletionChoice(index=index, text=out.text, finish_reason=out.finish_reason)])
-        body = chunk.model_dump(exclude_none=True)
-        body["choices"][0]["logprobs"] = None
-        body["choices"][0]["finish_reason"] = out.finish_reason
         if include_usage:
-            body["usage"] = None
+            body["usage"] = (usage_of(prompt_tokens, completion_tokens, n).model_dump()
+                             if continuous_usage else None)
+        if not include_usage and len(last) == len(streams) and all(o.finished for o in last.values()):
+            body["spec_decode"] = spec_stats(list(last.values())).model_dump()
         yield sse(body)
     else:
         if include_usage:
-            usage = usage_of(prompt_tokens, completion_tokens, n)
-            chunk = CompletionResponse(id=response_id, model=model, created=created, choices=[],
-                                       usage=usage)
-            yield sse(chunk.model_dump(exclude_none=True))
+            yield sse(formatter.final_chunk(usage_of(prompt_tokens, completion_tokens, n),
+                                            spec_stats(list(last.values()))))
     yield sse("[DONE]")
-
-
-def usage_of(prompt_tokens: dict[int, int], completion_tokens: dict[int, int], n: int) -> UsageInfo:
-    """Totals over all choices (indexed prompt-major): each prompt counted once, however large ``n``."""
-    p = sum(v for i, v in prompt_tokens.items() if i % n == 0)
-    c = sum(completion_tokens.values())
-    return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)

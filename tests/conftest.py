@@ -22,7 +22,13 @@ def bundled_model() -> str:
     return str(BUNDLED_MODEL)
 
 
-def make_tiny_checkpoint(folder, num_layers=4, hidden=64, heads=4, kv_heads=2, seed=0, **extra):
+# One intra-op thread: at these model sizes a second thread buys nothing, and on a shared or
+# loaded machine OpenMP's spinning threads make small ops 10-20x slower.
+torch.set_num_threads(1)
+
+
+def make_tiny_checkpoint(folder, num_layers=4, hidden=64, heads=4, kv_heads=2, seed=0, init_std=0.2,
+                         **extra):
     """Save a random ``LlamaForCausalLM`` with the bundled tokenizer into ``folder``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -36,7 +42,7 @@ def make_tiny_checkpoint(folder, num_layers=4, hidden=64, heads=4, kv_heads=2, s
     with torch.no_grad():  # larger weights than the default init, so argmaxes are not near-ties
         for p in model.parameters():
             if p.dim() > 1:
-                p.normal_(0, 0.2)
+                p.normal_(0, init_std)
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES:
         shutil.copy(BUNDLED_MODEL / name, folder)

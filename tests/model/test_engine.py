@@ -16,7 +16,7 @@ PROMPT = "def parse_args(argv=None):\n    parser = argparse.ArgumentParser("
 @pytest.fixture(scope="module")
 def cores(bundled_model, make_core):
     return (make_core(model=bundled_model, num_speculations=0),
-            make_core(model=bundled_model, num_speculations=4))
+            make_core(model=bundled_model, num_speculations=4, adaptive_speculation=False))
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 3, 7, 13])

@@ -63,7 +63,7 @@ def test_every_exit_layer_matches_plain_decoding(setup, make_core, bundled_model
     plain, prompts, single, mixed = setup
     for exit_layer in range(1, plain.model.num_layers):
         core = make_core(model=bundled_model, exit_layer=exit_layer, num_speculations=k,
-                         max_num_seqs=4)
+                         adaptive_speculation=False, max_num_seqs=4)
         _check(plain, prompts, single, tokens_of(run_engine(core, prompts[:1], MAX_TOKENS)))
         _check(plain, prompts, mixed, tokens_of(run_engine(core, prompts, MAX_TOKENS, ARRIVALS)))
 
@@ -78,7 +78,8 @@ def test_reused_slots_and_queued_requests_match_plain_decoding(setup, make_core,
     kwargs = {"ignore_eos": True}
     base = make_core(model=bundled_model, num_speculations=0, max_num_seqs=3)
     expected = tokens_of(run_engine(base, prompts, lengths, arrivals, **kwargs))
-    spec = make_core(model=bundled_model, exit_layer=3, num_speculations=k, max_num_seqs=3)
+    spec = make_core(model=bundled_model, exit_layer=3, num_speculations=k, max_num_seqs=3,
+                     adaptive_speculation=False)
     seen_slots = []
     real_round = spec.runner.decode_round
 
@@ -94,7 +95,8 @@ def test_reused_slots_and_queued_requests_match_plain_decoding(setup, make_core,
 def test_full_model_draft_accepts_everything(setup, make_core, bundled_model):
     """With the draft set to the whole model (E = L) every drafted token is accepted."""
     plain, prompts, single, _ = setup
-    core = make_core(model=bundled_model, exit_layer=plain.model.num_layers, num_speculations=4)
+    core = make_core(model=bundled_model, exit_layer=plain.model.num_layers, num_speculations=4,
+                     adaptive_speculation=False)
     outs = run_engine(core, prompts[:1], MAX_TOKENS)
     assert tokens_of(outs) == single
     last = outs["r0"][-1]
@@ -107,5 +109,6 @@ def test_tiny_random_model_mixed_batch(tiny_model, make_core):
     prompts = [plain.tokenizer.encode(p) for p in PROMPTS]
     expected = tokens_of(run_engine(plain, prompts, MAX_TOKENS, ARRIVALS))
     for exit_layer in (1, 3):
-        core = make_core(model=tiny_model, exit_layer=exit_layer, num_speculations=3)
+        core = make_core(model=tiny_model, exit_layer=exit_layer, num_speculations=3,
+                         adaptive_speculation=False)
         _check(plain, prompts, expected, tokens_of(run_engine(core, prompts, MAX_TOKENS, ARRIVALS)))

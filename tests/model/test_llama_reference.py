@@ -102,7 +102,8 @@ def test_half_precision_loads_and_stays_close_to_float32(tiny_model, make_core, 
         got = _ours_prefill_then_decode(half, ids, 8, 2)
     assert got.dtype == torch.float32
     assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item()
-    core = make_core(model=tiny_model, dtype=dtype, exit_layer=2, num_speculations=3)
+    core = make_core(model=tiny_model, dtype=dtype, exit_layer=2, num_speculations=3,
+                     adaptive_speculation=False)
     assert core.cache.k[0].dtype == getattr(torch, dtype)
     from tests.conftest import run_engine, tokens_of
 

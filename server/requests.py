@@ -1,0 +1,164 @@
+"""HTTP bodies → engine requests: checks, tokenization, chat templating, sampling parameters.
+
+Every refusal is an :class:`~server.errors.APIError` 400 that names the parameter; nothing here
+touches tensors or engine state (the engine's own checks run through ``engine.validate_request``,
+which is read-only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.request import EngineRequest, InvalidRequestError, SamplingParams
+from server.errors import APIError
+from server.protocol import (MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest,
+                             SamplingFields)
+
+
+@dataclass
+class PromptInfo:
+    """One prompt of a request: its tokens, and its text when the client sent text."""
+
+    token_ids: list[int]
+    text: str | None
+
+
+def check_common(body: SamplingFields, engine) -> None:
+    """The checks completions and chat share: model name, health, unsupported fields."""
+    if body.model != engine.model_name:
+        raise APIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported", "logit_bias")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+    if isinstance(body.stop, list) and len(body.stop) > MAX_STOP_STRINGS:
+        raise APIError(400, f"at most {MAX_STOP_STRINGS} stop sequences are allowed, "
+                            f"got {len(body.stop)}", "stop")
+    if body.stop is not None and any(s == "" for s in _stops(body.stop)):
+        raise APIError(400, "stop sequences must not be empty", "stop")
+    if not engine.is_healthy:
+        raise APIError(503, "the engine is not running", type="server_error")
+
+
+def _stops(stop) -> tuple[str, ...]:
+    return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def _check_text(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(400, f"{param} is not valid Unicode: {exc.reason}", param) from exc
+
+
+def sampling_params(body: SamplingFields, defaults: dict, seed_offset: int, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    """The request's :class:`SamplingParams`; an absent field takes the checkpoint's
+    ``generation_config.json`` default (``defaults``), else OpenAI's. Choice ``c`` of a seeded
+    request uses ``seed + c``, so that ``n`` choices differ."""
+    def pick(name, fallback):
+        value = getattr(body, name)
+        return value if value is not None else defaults.get(name, fallback)
+
+    top_k = pick("top_k", 0)
+    return SamplingParams(
+        temperature=float(pick("temperature", 1.0)), top_p=float(pick("top_p", 1.0)),
+        top_k=max(0, int(top_k)), min_p=float(pick("min_p", 0.0)),
+        seed=None if body.seed is None else body.seed + seed_offset,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=float(pick("repetition_penalty", 1.0)),
+        stop=_stops(body.stop), stop_token_ids=tuple(body.stop_token_ids or ()),
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+
+def _engine_requests(body: SamplingFields, engine, response_id: str, prompts: list[PromptInfo],
+                     max_tokens: int | None, max_tokens_param: str, logprobs: int | None,
+                     prompt_logprobs: int | None) -> list[EngineRequest]:
+    """``P × n`` engine requests, prompt-major, each checked by the engine."""
+    requests = []
+    for p, prompt in enumerate(prompts):
+        ids = prompt.token_ids
+        room = engine.max_model_len - len(ids)
+        if max_tokens is None and room < 1:
+            raise APIError(400, f"This model's maximum context length is {engine.max_model_len} "
+                                f"tokens. However, your prompt has {len(ids)} tokens, which "
+                                "leaves no room for the completion.", "prompt")
+        limit = room if max_tokens is None else max_tokens
+        for c in range(body.n):
+            request = EngineRequest(
+                f"{response_id}-{p * body.n + c}", tuple(ids), limit, ignore_eos=body.ignore_eos,
+                sampling=sampling_params(body, engine.default_sampling, c, logprobs,
+                                         prompt_logprobs),
+                exit_layer=body.exit_layer, num_speculations=body.num_speculations)
+            try:
+                engine.validate_request(request)
+            except InvalidRequestError as exc:
+                param = max_tokens_param if exc.param == "max_tokens" and max_tokens is not None \
+                    else "prompt" if exc.param == "max_tokens" else exc.param
+                raise APIError(400, str(exc), param) from exc
+            requests.append(request)
+    return requests
+
+
+def completion_requests(body: CompletionRequest, engine, response_id: str
+                        ) -> tuple[list[EngineRequest], list[PromptInfo]]:
+    """Check a completions body and build its engine requests (and its prompts, for ``echo``)."""
+    check_common(body, engine)
+    if body.suffix is not None:
+        raise APIError(400, "suffix is not supported", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, "best_of other than n is not supported", "best_of")
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens must be at least 1 (0 only with echo)", "max_tokens")
+    prompts = _tokenize(body.prompt, engine)
+    prompt_logprobs = body.logprobs if body.echo else None
+    requests = _engine_requests(body, engine, response_id, prompts, body.max_tokens,
+                                "max_tokens", body.logprobs, prompt_logprobs)
+    return requests, prompts
+
+
+def _tokenize(prompt, engine) -> list[PromptInfo]:
+    """The prompt field (a string, strings, token ids, or lists of token ids) → prompts."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", "prompt")
+    if isinstance(prompt[0], int):
+        return [PromptInfo(list(prompt), None)]
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            _check_text(p, "prompt")
+            out.append(PromptInfo(engine.tokenize(p), p))
+        else:
+            out.append(PromptInfo(list(p), None))
+    return out
+
+
+def chat_requests(body: ChatCompletionRequest, engine, response_id: str
+                  ) -> tuple[list[EngineRequest], list[PromptInfo]]:
+    """Check a chat body, apply the chat template and build its engine requests."""
+    check_common(body, engine)
+    if body.tools:
+        raise APIError(400, "tools are not supported", "tools")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise APIError(400, "response_format other than text is not supported", "response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+    messages = []
+    for m in body.messages:
+        content = m.content if isinstance(m.content, str) or m.content is None \
+            else "".join(part.text for part in m.content)
+        _check_text(content or "", "messages")
+        messages.append({"role": m.role, "content": content or ""})
+    try:
+        ids = engine.apply_chat_template(messages, body.add_generation_prompt)
+    except InvalidRequestError as exc:
+        raise APIError(400, str(exc), exc.param) from exc
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    requests = _engine_requests(body, engine, response_id, [PromptInfo(ids, None)], max_tokens,
+                                param, logprobs, None)
+    return requests, [PromptInfo(ids, None)]

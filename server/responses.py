@@ -1,0 +1,188 @@
+"""Engine outputs → OpenAI response bodies, for completions and chat, whole or as stream chunks.
+
+A formatter turns one choice's :class:`~engine.request.RequestOutput` deltas into the API's
+shape: :class:`CompletionFormatter` (``text_completion``, legacy ``logprobs`` with ``echo``) and
+:class:`ChatFormatter` (``chat.completion``). Whole responses are the concatenation of the same
+deltas, so streamed and non-streamed text agree byte for byte.
+"""
+
+from __future__ import annotations
+
+from engine.request import RequestOutput, TokenLogprob
+from server.protocol import (ChatChoice, ChatCompletionResponse, ChatLogprobs, ChatResponseMessage,
+                             ChatTokenLogprob, CompletionChoice, CompletionLogprobs,
+                             CompletionResponse, SpecDecodeStats, TopLogprob, UsageInfo)
+from server.requests import PromptInfo
+
+
+def usage_of(prompt_tokens: dict[int, int], completion_tokens: dict[int, int], n: int) -> UsageInfo:
+    """Totals over all choices (indexed prompt-major): each prompt counted once, however large ``n``."""
+    p = sum(v for i, v in prompt_tokens.items() if i % n == 0)
+    c = sum(completion_tokens.values())
+    return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+def spec_stats(outs: list[RequestOutput]) -> SpecDecodeStats:
+    """The request's speculation totals over its choices."""
+    drafted = sum(o.num_draft_tokens for o in outs)
+    accepted = sum(o.num_accepted_tokens for o in outs)
+    return SpecDecodeStats(num_draft_tokens=drafted, num_accepted_tokens=accepted,
+                           acceptance_rate=accepted / drafted if drafted else None)
+
+
+def _top_dict(entry: TokenLogprob) -> dict[str, float]:
+    """The legacy ``top_logprobs`` dict: the alternatives, and the chosen token (as vLLM)."""
+    top = {text: lp for text, _, lp in entry.top_logprobs}
+    top.setdefault(entry.token, entry.logprob)
+    return top
+
+
+class CompletionFormatter:
+    """``text_completion`` choices; with ``echo`` the first delta starts with the prompt.
+
+    Args:
+        prompts: the request's prompts (choice ``i`` belongs to prompt ``i // n``).
+        n: choices per prompt.
+        echo: prepend the prompt (text, and logprobs when asked).
+        decode: token ids → text, for prompts sent as token ids.
+    """
+
+    def __init__(self, response_id: str, model: str, prompts: list[PromptInfo], n: int,
+                 echo: bool, decode, created: int | None = None):
+        self.response_id, self.model, self.prompts, self.n = response_id, model, prompts, n
+        self.echo, self.decode, self.created = echo, decode, created
+        self._offsets: dict[int, int] = {}
+
+    def delta(self, index: int, out: RequestOutput, first: bool) -> tuple[str, CompletionLogprobs | None]:
+        """One output's text and logprobs; ``first`` for the choice's first output."""
+        text, entries, lead = out.text, out.logprobs, None
+        if first and self.echo:
+            prompt = self.prompts[index // self.n]
+            text = (prompt.text if prompt.text is not None else self.decode(prompt.token_ids)) + text
+            if out.prompt_logprobs is not None:
+                lead = prompt.token_ids[0]
+                entries = out.prompt_logprobs + (entries or [])
+        if entries is None:
+            return text, None
+        return text, self._logprobs(index, entries, lead)
+
+    def _logprobs(self, index: int, entries: list[TokenLogprob], lead: int | None) -> CompletionLogprobs:
+        tokens, lps, tops = [], [], []
+        if lead is not None:  # the prompt's first token has no logprob
+            tokens.append(self.decode([lead]))
+            lps.append(None)
+            tops.append(None)
+        for e in entries:
+            tokens.append(e.token)
+            lps.append(e.logprob)
+            tops.append(_top_dict(e))
+        offset, offsets = self._offsets.get(index, 0), []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        self._offsets[index] = offset
+        return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops,
+                                  text_offset=offsets)
+
+    def chunk(self, index: int, out: RequestOutput, first: bool) -> dict | None:
+        """An SSE chunk for one output, or None when it carries nothing."""
+        text, logprobs = self.delta(index, out, first)
+        if not text and not out.finished and logprobs is None:
+            return None
+        choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                  finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+        body = self._response([choice]).model_dump(exclude_none=True)
+        body["choices"][0].update(logprobs=body["choices"][0].get("logprobs"),
+                                  finish_reason=out.finish_reason)
+        return body
+
+    def _response(self, choices, **kw) -> CompletionResponse:
+        extra = {} if self.created is None else {"created": self.created}
+        return CompletionResponse(id=self.response_id, model=self.model, choices=choices, **extra, **kw)
+
+    def final_chunk(self, usage: UsageInfo | None, spec: SpecDecodeStats) -> dict:
+        """The last chunk: no choices, the totals."""
+        return self._response([], usage=usage, spec_decode=spec).model_dump(exclude_none=True)
+
+    def whole(self, results: list[list[RequestOutput]]) -> CompletionResponse:
+        """The non-streamed response from every choice's outputs."""
+        choices = []
+        for index, outs in enumerate(results):
+            texts, entries = [], []
+            for i, out in enumerate(outs):
+                text, lp = self.delta(index, out, i == 0)
+                texts.append(text)
+                entries.append(lp)
+            logprobs = None
+            if any(e is not None for e in entries):
+                parts = [e for e in entries if e is not None]
+                logprobs = CompletionLogprobs(
+                    tokens=[t for p in parts for t in p.tokens],
+                    token_logprobs=[t for p in parts for t in p.token_logprobs],
+                    top_logprobs=[t for p in parts for t in p.top_logprobs],
+                    text_offset=[t for p in parts for t in p.text_offset])
+            last = outs[-1]
+            choices.append(CompletionChoice(index=index, text="".join(texts), logprobs=logprobs,
+                                            finish_reason=last.finish_reason,
+                                            stop_reason=last.stop_reason))
+        lasts = [outs[-1] for outs in results]
+        return self._response(choices, usage=usage_of(
+            {i: o.num_prompt_tokens for i, o in enumerate(lasts)},
+            {i: o.num_output_tokens for i, o in enumerate(lasts)}, self.n),
+            spec_decode=spec_stats(lasts))
+
+
+def _chat_logprobs(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
+    if entries is None:
+        return None
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token.encode("utf-8")),
+                         top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode("utf-8")))
+                                       for t, _, lp in e.top_logprobs])
+        for e in entries])
+
+
+class ChatFormatter:
+    """``chat.completion`` choices; a stream opens each choice with a ``role`` delta."""
+
+    def __init__(self, response_id: str, model: str, n: int, created: int | None = None):
+        self.response_id, self.model, self.n, self.created = response_id, model, n, created
+
+    def _response(self, choices, **kw) -> ChatCompletionResponse:
+        extra = {} if self.created is None else {"created": self.created}
+        return ChatCompletionResponse(id=self.response_id, model=self.model, choices=choices,
+                                      **extra, **kw)
+
+    def chunk(self, index: int, out: RequestOutput, first: bool) -> dict | None:
+        """An SSE chunk for one output (the first also carries ``role``), or None if empty."""
+        if not out.text and not out.finished and not first and not out.logprobs:
+            return None
+        delta = ChatResponseMessage(role="assistant" if first else None, content=out.text)
+        choice = ChatChoice(index=index, delta=delta, logprobs=_chat_logprobs(out.logprobs),
+                            finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+        body = self._response([choice], object="chat.completion.chunk").model_dump(exclude_none=True)
+        body["choices"][0].update(logprobs=body["choices"][0].get("logprobs"),
+                                  finish_reason=out.finish_reason)
+        return body
+
+    def final_chunk(self, usage: UsageInfo | None, spec: SpecDecodeStats) -> dict:
+        """The last chunk: no choices, the totals."""
+        return self._response([], object="chat.completion.chunk", usage=usage,
+                              spec_decode=spec).model_dump(exclude_none=True)
+
+    def whole(self, results: list[list[RequestOutput]]) -> ChatCompletionResponse:
+        """The non-streamed response from every choice's outputs."""
+        choices = []
+        for index, outs in enumerate(results):
+            entries = [e for o in outs for e in (o.logprobs or [])]
+            last = outs[-1]
+            choices.append(ChatChoice(
+                index=index, message=ChatResponseMessage(role="assistant",
+                                                         content="".join(o.text for o in outs)),
+                logprobs=_chat_logprobs(entries if last.logprobs is not None else None),
+                finish_reason=last.finish_reason, stop_reason=last.stop_reason))
+        lasts = [outs[-1] for outs in results]
+        return self._response(choices, usage=usage_of(
+            {i: o.num_prompt_tokens for i, o in enumerate(lasts)},
+            {i: o.num_output_tokens for i, o in enumerate(lasts)}, self.n),
+            spec_decode=spec_stats(lasts))
