@@ -15,7 +15,7 @@ try:
     import jsonschema
     import kubernetes_validate
 except ImportError as exc:  # fail loudly, as the other tool checks do
-    raise ImportError(f"{exc.name} is missing: pip install -e '.[deploy-lint]', as .ci/run does") from exc
+    raise ImportError(f"{exc.name} is missing: pip install -e '.[test]', as .ci/run does") from exc
 
 from tests.deploy.conftest import (K8S, OVERLAYS, ROOT, RULE_FILES, exported_metric_names, promql_names,
                                    run, tool)
