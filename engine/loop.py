@@ -52,6 +52,9 @@ class StepStats:
     num_running: int = 0
     num_waiting: int = 0
     finished: list[FinishedStats] = field(default_factory=list)
+    inter_token_latencies: list[tuple[float, int]] = field(default_factory=list)
+    """Per sequence that emitted after its first step: (seconds per token since its previous
+    emission, tokens emitted); the tokens of one round share the round's gap."""
 
 
 class EngineCore:
@@ -291,6 +294,9 @@ class EngineCore:
         if seq.request.max_tokens == 0:
             seq.status = SequenceStatus.FINISHED_LENGTH
         stats.num_generation_tokens += len(kept)
+        if kept and seq.last_token_time is not None:
+            stats.inter_token_latencies.append(((now - seq.last_token_time) / len(kept), len(kept)))
+        seq.last_token_time = now
         if seq.status.is_finished:
             self.scheduler.finish(seq, seq.status)
             del self.detokenizers[seq.request_id]

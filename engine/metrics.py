@@ -9,6 +9,8 @@ figures are best computed in PromQL from the raw counters:
 - mean accepted length (tokens per round): ``1 + rate(..._num_accepted_tokens_total[1m])
   / rate(layerskip_spec_decode_num_drafts_total[1m])``
 - tokens/s: ``rate(layerskip_generation_tokens_total[1m])``
+- inter-token latency p90: ``histogram_quantile(0.9, sum by (le)
+  (rate(layerskip_inter_token_latency_seconds_bucket[1m])))``
 
 Two gauges give the same over the last ``window_seconds`` for dashboards without PromQL:
 ``layerskip_spec_decode_acceptance_rate`` (accepted / drafted tokens, the bonus token never
@@ -26,6 +28,10 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                    7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
+               0.15, 0.2, 0.3, 0.4, 0.5, 1.0, 2.5)
 
 
 class EngineMetrics:
@@ -77,6 +83,10 @@ class EngineMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency (seconds).")
         self.tpot = histogram("request_time_per_output_token_seconds",
                               "Mean time per output token after the first, per request (seconds).")
+        self.itl = Histogram("layerskip_inter_token_latency_seconds",
+                             "Time between a sequence's consecutive output tokens, one observation "
+                             "per token (a round's tokens share its gap; seconds).", labels,
+                             buckets=ITL_BUCKETS, registry=r).labels(model_name)
 
     def observe_step(self, stats, now: float | None = None) -> None:
         """Add one engine step's counters (an ``engine.loop.StepStats``)."""
@@ -95,6 +105,9 @@ class EngineMetrics:
                 self.ttft.observe(f.time_to_first_token)
             if f.time_per_output_token is not None:
                 self.tpot.observe(f.time_per_output_token)
+        for seconds, tokens in stats.inter_token_latencies:
+            for _ in range(tokens):
+                self.itl.observe(seconds)
         with self._lock:
             self._window.append((now, stats.num_accepted_tokens, stats.num_draft_tokens,
                                  stats.num_generation_tokens))

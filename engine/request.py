@@ -146,6 +146,7 @@ class Sequence:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.first_token_time: float | None = None
+        self.last_token_time: float | None = None  # when its latest tokens came out (seconds)
         self.output_text = ""  # decoded output so far, cut at a stop string
         self.num_sent_chars = 0  # of output_text, already handed out
         self.stop_reason: int | str | None = None  # the stop string or token id that ended it

@@ -89,7 +89,8 @@ def test_models_health_and_metrics(client):
     for name in ("layerskip_spec_decode_num_drafts_total", "layerskip_prompt_tokens_total",
                  "layerskip_num_requests_running", "layerskip_num_requests_waiting",
                  "layerskip_spec_decode_num_accepted_tokens_total",
-                 "layerskip_time_to_first_token_seconds_bucket"):
+                 "layerskip_time_to_first_token_seconds_bucket",
+                 "layerskip_inter_token_latency_seconds_bucket"):
         assert name in text
 
 

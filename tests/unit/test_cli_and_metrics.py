@@ -14,6 +14,21 @@ def test_flags_read_the_environment_and_the_command_line_wins():
     assert config.num_speculations == 0 and config.model.endswith("layerskip-stdlib")
 
 
+def test_empty_environment_values_are_unset_and_bad_ones_are_named(capsys):
+    import pytest
+
+    args = parse_args([], environ={"LAYERSKIP_EXIT_LAYER": "", "LAYERSKIP_PORT": " ",
+                                   "LAYERSKIP_ADAPTIVE_SPECULATION": "false",
+                                   "LAYERSKIP_TIMEOUT_GRACEFUL_SHUTDOWN": "30"})
+    assert args.exit_layer is None and args.port == 8000
+    assert args.adaptive_speculation is False and args.timeout_graceful_shutdown == 30.0
+    assert parse_args(["--adaptive-speculation"], environ={
+        "LAYERSKIP_ADAPTIVE_SPECULATION": "0"}).adaptive_speculation is True
+    with pytest.raises(SystemExit):
+        parse_args([], environ={"LAYERSKIP_MAX_NUM_SEQS": "eight"})
+    assert "LAYERSKIP_MAX_NUM_SEQS='eight'" in capsys.readouterr().err
+
+
 def _value(metrics: EngineMetrics, name: str) -> float:
     return metrics.registry.get_sample_value(name, {"model_name": "m"})
 
@@ -34,6 +49,16 @@ def test_counters_and_window_gauges():
     assert metrics.registry.get_sample_value(
         "layerskip_request_success_total", {"model_name": "m", "finished_reason": "length"}) == 1
     assert b"layerskip_time_to_first_token_seconds_bucket" in metrics.render()
+
+
+def test_inter_token_latency_is_observed_once_per_token():
+    metrics = EngineMetrics("m")
+    metrics.observe_step(StepStats(inter_token_latencies=[(0.004, 3), (0.02, 1)]))
+    count = _value(metrics, "layerskip_inter_token_latency_seconds_count")
+    total = _value(metrics, "layerskip_inter_token_latency_seconds_sum")
+    assert count == 4 and abs(total - (3 * 0.004 + 0.02)) < 1e-12
+    assert metrics.registry.get_sample_value("layerskip_inter_token_latency_seconds_bucket",
+                                             {"model_name": "m", "le": "0.005"}) == 3
 
 
 def test_acceptance_gauge_is_zero_without_drafts_and_forgets_old_steps():
