@@ -32,3 +32,95 @@ def test_no_drafts_is_plain_decoding():
     tokens, accepted = accept_drafts(torch.zeros(2, 0, dtype=torch.long), _logits_for([[4], [6]]))
     assert accepted.tolist() == [0, 0]
     assert tokens[:, 0].tolist() == [4, 6]
+
+
+# --- sampling: logits processing, rejection sampling and the seeded coupling -----------------
+
+from collections import Counter  # noqa: E402
+
+from engine.request import SamplingParams  # noqa: E402
+from engine.sampler import SamplingBatch, process_logits, sample_tokens  # noqa: E402
+
+
+def _batch(params, outputs=None, prompts=None, vocab=5, seed=0):
+    B = len(params)
+    return SamplingBatch.build(params, [p.seed or 0 for p in params], [10] * B,
+                               prompts or [[] for _ in range(B)], outputs or [[] for _ in range(B)],
+                               vocab, "cpu", torch.Generator().manual_seed(seed))
+
+
+def test_penalties_follow_vllm():
+    logits = torch.tensor([[[2.0, -1.0, 0.5, 1.0, 0.0]]])
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5,
+                            presence_penalty=0.25)
+    sb = _batch([params], outputs=[[0, 0, 1]], prompts=[[3]])
+    scores = process_logits(logits, sb)
+    # repetition: positive seen logits halved, negative doubled (prompt 3, outputs 0 and 1);
+    # then frequency (0.5 × count) and presence (0.25) on the generated tokens 0 and 1.
+    expected = torch.tensor([2.0 / 2 - 0.5 * 2 - 0.25, -1.0 * 2 - 0.5 - 0.25, 0.5, 1.0 / 2, 0.0])
+    assert torch.allclose(scores[0, 0], expected.log_softmax(-1))
+
+
+def test_drafts_count_as_history_at_later_positions():
+    logits = torch.zeros(1, 3, 5)
+    sb = _batch([SamplingParams(temperature=0.0, presence_penalty=1.0)])
+    scores = process_logits(logits, sb, drafts=torch.tensor([[2, 4]]), start=0)
+    penalised = [(s < s.max()).nonzero().flatten().tolist() for s in scores[0]]
+    assert penalised == [[], [2], [2, 4]]
+
+
+def test_top_k_top_p_and_min_p_truncate():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    logits = probs.log()[None, None]
+    kept = lambda **kw: process_logits(logits, _batch([SamplingParams(**kw)]))[0, 0].isfinite().tolist()  # noqa: E731
+    assert kept(top_k=2) == [True, True, False, False, False]
+    assert kept(top_p=0.7) == [True, True, False, False, False]
+    assert kept(top_p=0.3) == [True, False, False, False, False]
+    assert kept(min_p=0.2) == [True, True, True, False, False]
+    assert kept(temperature=0.0, top_k=1) == [True] * 5  # greedy rows are never truncated
+
+
+def _chi_square_p(counts: Counter, probs: torch.Tensor, n: int) -> float:
+    expected = probs * n
+    stat = sum((counts[i] - expected[i].item()) ** 2 / expected[i].item() for i in range(len(probs)))
+    df = torch.tensor((len(probs) - 1) / 2, dtype=torch.float64)
+    return torch.special.gammaincc(df, torch.tensor(stat / 2, dtype=torch.float64)).item()
+
+
+def test_rejection_sampling_emits_exactly_p():
+    """One draft from q, accepted with min(1, p/q), else a sample of norm(max(0, p − q)):
+    the emitted token must follow p (Leviathan et al. 2023, Theorem 1). 20 000 rows."""
+    n = 20_000
+    p = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15])
+    q = torch.tensor([0.4, 0.1, 0.1, 0.1, 0.3])
+    sb = _batch([SamplingParams(temperature=1.0)] * n, seed=1)
+    draft_scores = q.log().expand(n, 1, 5)
+    drafts = sample_tokens(draft_scores, sb, 0)  # (n, 1) samples of q
+    target = torch.stack([p.log(), p.log()])[None].expand(n, 2, 5)
+    tokens, accepted = accept_drafts(drafts, target, sb, draft_scores)
+    first = Counter(tokens[:, 0].tolist())
+    assert _chi_square_p(first, p, n) > 1e-4
+    accept_rate = accepted.float().mean().item()
+    assert abs(accept_rate - torch.minimum(p, q).sum().item()) < 0.02  # 1 − TV(p, q) = 0.55
+
+
+def test_seeded_rows_take_the_gumbel_max_sample_of_p_whatever_the_draft():
+    p = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15])
+    rows = [SamplingParams(temperature=1.0, seed=s) for s in range(4000)]
+    sb = _batch(rows)
+    target = p.log().expand(len(rows), 2, 5).contiguous()
+    plain = sample_tokens(target[:, :1], sb, 0)[:, 0]  # what plain decoding draws at position 10
+    for draft in range(5):
+        tokens, accepted = accept_drafts(torch.full((len(rows), 1), draft), target, sb,
+                                         torch.zeros(len(rows), 1, 5))
+        assert tokens[:, 0].tolist() == plain.tolist()
+        assert accepted.tolist() == (plain == draft).long().tolist()
+    assert _chi_square_p(Counter(plain.tolist()), p, len(rows)) > 1e-4
+
+
+def test_a_row_uses_only_its_own_number_of_drafts():
+    drafts = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    target = _logits_for([[1, 2, 3, 4], [1, 2, 3, 4]])
+    tokens, accepted = accept_drafts(drafts, target, num_speculations=[3, 1])
+    assert accepted.tolist() == [3, 1]
+    assert tokens[1, :2].tolist() == [1, 2]
