@@ -45,8 +45,18 @@ def test_the_panels_the_issue_asks_for_are_there():
     exprs = " ".join(e for _, e in panel_queries(dashboard()))
     for name in ("layerskip:spec_decode_acceptance_rate:rate1m", "layerskip:spec_decode_mean_accepted_length:rate1m",
                  "layerskip:generation_tokens:rate1m", "layerskip:time_to_first_token_seconds:quantile1m",
+                 "layerskip:inter_token_latency_seconds:quantile1m",
                  "layerskip:time_per_output_token_seconds:quantile1m", "layerskip_num_requests_waiting"):
         assert name in exprs, name
+
+
+def test_inter_token_latency_is_per_token_and_the_per_request_mean_is_labelled_so():
+    queries = panel_queries(dashboard())
+    itl = [title for title, expr in queries if "layerskip:inter_token_latency_seconds:quantile1m" in expr]
+    tpot = [title for title, expr in queries if "layerskip:time_per_output_token_seconds:quantile1m" in expr]
+    assert [t for t in itl if "inter-token" in t.lower()], itl
+    assert tpot and all("per-request" in t.lower() and "inter-token" not in t.lower() for t in tpot), tpot
+    assert not set(itl) & set(tpot)
 
 
 def test_panels_use_the_datasource_variable():

@@ -26,6 +26,10 @@ def test_promtool_unit_tests_of_the_alerts_pass():
     run(tool("promtool"), "test", "rules", str(PROMETHEUS_DIR / "tests" / "alerts_test.yml"))
 
 
+def test_promtool_unit_tests_of_the_recording_rules_pass():
+    run(tool("promtool"), "test", "rules", str(PROMETHEUS_DIR / "tests" / "recording_test.yml"))
+
+
 def test_rules_select_only_metrics_the_server_exports():
     known = exported_metric_names() | {"up"}
     records = {rule["record"] for rule in all_rules() if "record" in rule}
@@ -44,9 +48,17 @@ def test_the_derived_figures_the_issue_names_are_recorded():
     assert "layerskip_generation_tokens_total" in exprs["layerskip:generation_tokens:rate1m"]
     quantiles = {(rule["record"], rule["labels"]["quantile"]) for rule in all_rules()
                  if "histogram_quantile" in rule.get("expr", "")}
-    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "time_per_output_token_seconds",
+                 "e2e_request_latency_seconds"):
         for q in ("0.5", "0.9", "0.99"):
             assert (f"layerskip:{name}:quantile1m", q) in quantiles
+    # each quantile rule reads its own histogram: per token for ITL, per request for TPOT
+    sources = {"inter_token_latency_seconds": "layerskip_inter_token_latency_seconds_bucket",
+               "time_per_output_token_seconds": "layerskip_request_time_per_output_token_seconds_bucket"}
+    for rule in all_rules():
+        name = rule.get("record", "").removeprefix("layerskip:").removesuffix(":quantile1m")
+        if name in sources:
+            assert promql_names(rule["expr"]) == {sources[name]}, rule["expr"]
     for rule in all_rules():
         if "histogram_quantile" in rule.get("expr", ""):
             assert f"histogram_quantile({rule['labels']['quantile']}," in rule["expr"]
