@@ -53,8 +53,8 @@ class StepStats:
     num_waiting: int = 0
     finished: list[FinishedStats] = field(default_factory=list)
     inter_token_latencies: list[tuple[float, int]] = field(default_factory=list)
-    """Per sequence that emitted after its first step: (seconds per token since its previous
-    emission, tokens emitted); the tokens of one round share the round's gap."""
+    """Per sequence that emitted after its first step: (seconds since its previous emission
+    divided by the tokens emitted, tokens emitted): a round's gap split evenly over its tokens."""
 
 
 class EngineCore:
@@ -101,7 +101,7 @@ class EngineCore:
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._finished_outside_steps: list[FinishedStats] = []
-        self.model_name = config.served_model_name or Path(config.model).name
+        self.model_name = config.served_model_name or Path(config.model).name.removesuffix(".gguf")
         logger.info("engine ready: %d layers, exit_layer=%d, num_speculations=%d, "
                     "max_model_len=%d, KV cache %.1f MiB", L, self.exit_layer,
                     self.num_speculations, self.max_model_len, self.cache.nbytes / 2**20)

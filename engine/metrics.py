@@ -85,7 +85,7 @@ class EngineMetrics:
                               "Mean time per output token after the first, per request (seconds).")
         self.itl = Histogram("layerskip_inter_token_latency_seconds",
                              "Time between a sequence's consecutive output tokens, one observation "
-                             "per token (a round's tokens share its gap; seconds).", labels,
+                             "per token (a round's gap split evenly over its tokens; seconds).", labels,
                              buckets=ITL_BUCKETS, registry=r).labels(model_name)
 
     def observe_step(self, stats, now: float | None = None) -> None:

@@ -12,9 +12,9 @@ acceptance rate α and drafts the ``k ∈ 0..k_max`` that maximises the modelled
 in layer-call units at small batch (latency-bound): a round drafts ``k`` tokens through ``E``
 layers plus the LM head (cost ``h`` layers' worth, from parameter counts), then verifies all
 ``k + 1`` in one pass over the rest; plain decoding costs ``L + h`` per token. When no ``k ≥ 1``
-beats plain decoding the sequence stops drafting, and probes again with one ``k_max`` round after
+beats plain decoding the sequence stops drafting, and probes again with a one-draft round after
 ``probe_interval`` plain rounds; each failed probe doubles the interval (up to
-:data:`MAX_PROBE_INTERVAL`), a successful one resets it. Plain Python over integers.
+:data:`MAX_PROBE_INTERVAL`), an accepted one resets it. Plain Python over numbers.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class SpeculationPolicy:
         if k:
             return k
         if state.rounds_until_probe <= 0:
-            return k_max  # a probe
+            return 1  # a probe: one draft, the cheapest evidence
         state.rounds_until_probe -= 1
         return 0
 
@@ -103,9 +103,10 @@ class SpeculationPolicy:
         state.examined = EMA_DECAY * state.examined + examined
         if not self.adaptive:
             return
-        if best_num_speculations(state.acceptance, k_max, exit_layer, self.num_layers,
-                                 self.head_cost):
+        if num_accepted or best_num_speculations(state.acceptance, k_max, exit_layer,
+                                                 self.num_layers, self.head_cost):
             state.probe_interval = FIRST_PROBE_INTERVAL
+            state.rounds_until_probe = 0
         else:
             state.rounds_until_probe = state.probe_interval
             state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)

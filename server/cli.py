@@ -16,7 +16,7 @@ from engine.config import EngineConfig
 
 FLAGS = (
     # name, type, default, help
-    ("model", str, None, "checkpoint folder (default: the bundled layerskip-stdlib model)"),
+    ("model", str, None, "checkpoint folder or .gguf file (default: the bundled layerskip-stdlib model)"),
     ("served-model-name", str, None, "the model name the API answers to (default: folder name)"),
     ("host", str, "127.0.0.1", "address to bind"),
     ("port", int, 8000, "port to bind"),
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     from server.app import build_app
 
     args = parse_args(argv)
+    # OpenMP threads that spin while they wait make small CPU ops 5-40x slower as soon as another
+    # process wants the same cores; sleeping waiters cost little at decode sizes.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         core = EngineCore(engine_config(args))

@@ -52,18 +52,22 @@ def _check_text(text: str, param: str) -> None:
 
 
 def sampling_params(body: SamplingFields, defaults: dict, seed_offset: int, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, vocab_size: int | None = None
+                    ) -> SamplingParams:
     """The request's :class:`SamplingParams`; an absent field takes the checkpoint's
     ``generation_config.json`` default (``defaults``), else OpenAI's. Choice ``c`` of a seeded
-    request uses ``seed + c``, so that ``n`` choices differ."""
+    request uses ``seed + c``, so that ``n`` choices differ. A ``top_k`` of at least
+    ``vocab_size`` keeps every token, as in vLLM (0)."""
     def pick(name, fallback):
         value = getattr(body, name)
         return value if value is not None else defaults.get(name, fallback)
 
-    top_k = pick("top_k", 0)
+    top_k = max(0, int(pick("top_k", 0)))
+    if vocab_size is not None and top_k >= vocab_size:
+        top_k = 0
     return SamplingParams(
         temperature=float(pick("temperature", 1.0)), top_p=float(pick("top_p", 1.0)),
-        top_k=max(0, int(top_k)), min_p=float(pick("min_p", 0.0)),
+        top_k=top_k, min_p=float(pick("min_p", 0.0)),
         seed=None if body.seed is None else body.seed + seed_offset,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
@@ -74,28 +78,34 @@ def sampling_params(body: SamplingFields, defaults: dict, seed_offset: int, logp
 
 def _engine_requests(body: SamplingFields, engine, response_id: str, prompts: list[PromptInfo],
                      max_tokens: int | None, max_tokens_param: str, logprobs: int | None,
-                     prompt_logprobs: int | None) -> list[EngineRequest]:
-    """``P × n`` engine requests, prompt-major, each checked by the engine."""
+                     prompt_logprobs: int | None, prompt_param: str = "prompt"
+                     ) -> list[EngineRequest]:
+    """``P × n`` engine requests, prompt-major, each checked by the engine; ``prompt_param``
+    names the field a prompt error blames (chat: ``messages``)."""
     requests = []
+    vocab_size = getattr(getattr(engine, "core", None), "vocab_size", None)
     for p, prompt in enumerate(prompts):
         ids = prompt.token_ids
         room = engine.max_model_len - len(ids)
         if max_tokens is None and room < 1:
             raise APIError(400, f"This model's maximum context length is {engine.max_model_len} "
                                 f"tokens. However, your prompt has {len(ids)} tokens, which "
-                                "leaves no room for the completion.", "prompt")
+                                "leaves no room for the completion.", prompt_param)
         limit = room if max_tokens is None else max_tokens
         for c in range(body.n):
             request = EngineRequest(
                 f"{response_id}-{p * body.n + c}", tuple(ids), limit, ignore_eos=body.ignore_eos,
                 sampling=sampling_params(body, engine.default_sampling, c, logprobs,
-                                         prompt_logprobs),
+                                         prompt_logprobs, vocab_size),
                 exit_layer=body.exit_layer, num_speculations=body.num_speculations)
             try:
                 engine.validate_request(request)
             except InvalidRequestError as exc:
-                param = max_tokens_param if exc.param == "max_tokens" and max_tokens is not None \
-                    else "prompt" if exc.param == "max_tokens" else exc.param
+                # A prompt that alone fills the context is the prompt's fault, not max_tokens'.
+                too_long = max_tokens is None or len(ids) >= engine.max_model_len
+                param = ("prompt" if too_long else max_tokens_param) \
+                    if exc.param == "max_tokens" else exc.param
+                param = prompt_param if param == "prompt" else param
                 raise APIError(400, str(exc), param) from exc
             requests.append(request)
     return requests
@@ -160,5 +170,5 @@ def chat_requests(body: ChatCompletionRequest, engine, response_id: str
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     requests = _engine_requests(body, engine, response_id, [PromptInfo(ids, None)], max_tokens,
-                                param, logprobs, None)
+                                param, logprobs, None, prompt_param="messages")
     return requests, [PromptInfo(ids, None)]

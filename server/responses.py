@@ -101,8 +101,11 @@ class CompletionFormatter:
         return CompletionResponse(id=self.response_id, model=self.model, choices=choices, **extra, **kw)
 
     def final_chunk(self, usage: UsageInfo | None, spec: SpecDecodeStats) -> dict:
-        """The last chunk: no choices, the totals."""
-        return self._response([], usage=usage, spec_decode=spec).model_dump(exclude_none=True)
+        """The last chunk: no choices, the totals (``acceptance_rate`` null, not absent, when
+        nothing was drafted)."""
+        body = self._response([], usage=usage).model_dump(exclude_none=True)
+        body["spec_decode"] = spec.model_dump()
+        return body
 
     def whole(self, results: list[list[RequestOutput]]) -> CompletionResponse:
         """The non-streamed response from every choice's outputs."""
@@ -166,9 +169,12 @@ class ChatFormatter:
         return body
 
     def final_chunk(self, usage: UsageInfo | None, spec: SpecDecodeStats) -> dict:
-        """The last chunk: no choices, the totals."""
-        return self._response([], object="chat.completion.chunk", usage=usage,
-                              spec_decode=spec).model_dump(exclude_none=True)
+        """The last chunk: no choices, the totals (``acceptance_rate`` null when nothing was
+        drafted)."""
+        body = self._response([], object="chat.completion.chunk",
+                              usage=usage).model_dump(exclude_none=True)
+        body["spec_decode"] = spec.model_dump()
+        return body
 
     def whole(self, results: list[list[RequestOutput]]) -> ChatCompletionResponse:
         """The non-streamed response from every choice's outputs."""

@@ -80,7 +80,9 @@ async def _respond(request: Request, engine, body, requests, formatter):
                           bool(options and options.continuous_usage_stats), body.n),
             media_type="text/event-stream")
     results = await _gather_unless_disconnected(request, [_collect(s) for s in streams])
-    whole = formatter.whole(results).model_dump(exclude_none=True)
+    response = formatter.whole(results)
+    whole = response.model_dump(exclude_none=True)
+    whole["spec_decode"] = response.spec_decode.model_dump()  # acceptance_rate null, not absent
     for choice in whole["choices"]:
         choice.setdefault("logprobs", None)
     return JSONResponse(whole)
