@@ -36,7 +36,10 @@ def append_with_stops(seq: Sequence, new_tokens: list[int], eos_token_ids: froze
         at_stop_token = token in stop_ids
         at_length = seq.num_output_tokens >= seq.request.max_tokens
         searched_from = len(seq.output_text)
-        seq.output_text += detok.add([token], final=at_stop_token or at_length)
+        if at_stop_token:  # counted, but its text is not output (as vLLM); flush what is held
+            seq.output_text += detok.add([], final=True)
+        else:
+            seq.output_text += detok.add([token], final=at_length)
         if params.stop and _cut_at_stop_string(seq, searched_from):
             seq.status = SequenceStatus.FINISHED_STOPPED
             break

@@ -5,12 +5,22 @@ Caller mistakes are 4xx (validation 400, unknown model 404); only the server's o
 
 from __future__ import annotations
 
+import json
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.protocol import ErrorInfo, ErrorResponse
+
+
+class ErrorJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped, so a message that quotes client text (even a lone
+    surrogate) always encodes."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 class APIError(Exception):
@@ -53,17 +63,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status)
+        return ErrorJSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
-        return JSONResponse(error_body(message, "invalid_request_error", param), 400)
+        return ErrorJSONResponse(error_body(message, "invalid_request_error", param), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), exc.status_code)
+        return ErrorJSONResponse(error_body(str(exc.detail), "invalid_request_error"), exc.status_code)
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception):
-        return JSONResponse(error_body(f"internal server error: {exc}", "server_error"), 500)
+        return ErrorJSONResponse(error_body(f"internal server error: {exc}", "server_error"), 500)

@@ -50,7 +50,8 @@ class SamplingFields(_Strict):
     ignore_eos: bool = False
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    # Below 1e-6, logits / penalty overflow float32 (NaN scores, garbage tokens).
+    repetition_penalty: float | None = Field(default=None, ge=1e-6, le=10.0)
     logit_bias: dict[str, float] | None = None
     exit_layer: int | None = None
     num_speculations: int | None = None

@@ -14,6 +14,9 @@ from server.errors import APIError
 from server.protocol import (MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest,
                              SamplingFields)
 
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this decode greedily (vLLM's ``_SAMPLING_EPS``)."""
+
 
 @dataclass
 class PromptInfo:
@@ -26,7 +29,8 @@ class PromptInfo:
 def check_common(body: SamplingFields, engine) -> None:
     """The checks completions and chat share: model name, health, unsupported fields."""
     if body.model != engine.model_name:
-        raise APIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
+        name = body.model.encode("utf-8", "backslashreplace").decode()  # a lone surrogate too
+        raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported", "logit_bias")
     if body.stream_options is not None and not body.stream:
@@ -52,21 +56,21 @@ def _check_text(text: str, param: str) -> None:
 
 
 def sampling_params(body: SamplingFields, defaults: dict, seed_offset: int, logprobs: int | None,
-                    prompt_logprobs: int | None = None, vocab_size: int | None = None
-                    ) -> SamplingParams:
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """The request's :class:`SamplingParams`; an absent field takes the checkpoint's
     ``generation_config.json`` default (``defaults``), else OpenAI's. Choice ``c`` of a seeded
-    request uses ``seed + c``, so that ``n`` choices differ. A ``top_k`` of at least
-    ``vocab_size`` keeps every token, as in vLLM (0)."""
+    request uses ``seed + c``, so that ``n`` choices differ. A temperature below
+    :data:`MIN_TEMPERATURE` is greedy, as in vLLM."""
     def pick(name, fallback):
         value = getattr(body, name)
         return value if value is not None else defaults.get(name, fallback)
 
-    top_k = max(0, int(pick("top_k", 0)))
-    if vocab_size is not None and top_k >= vocab_size:
-        top_k = 0
+    temperature = float(pick("temperature", 1.0))
+    if temperature < MIN_TEMPERATURE:  # logits / T would overflow float32: greedy, as vLLM
+        temperature = 0.0
+    top_k = max(0, int(pick("top_k", 0)))  # the sampler clamps it to the vocabulary
     return SamplingParams(
-        temperature=float(pick("temperature", 1.0)), top_p=float(pick("top_p", 1.0)),
+        temperature=temperature, top_p=float(pick("top_p", 1.0)),
         top_k=top_k, min_p=float(pick("min_p", 0.0)),
         seed=None if body.seed is None else body.seed + seed_offset,
         presence_penalty=body.presence_penalty or 0.0,
@@ -83,7 +87,6 @@ def _engine_requests(body: SamplingFields, engine, response_id: str, prompts: li
     """``P × n`` engine requests, prompt-major, each checked by the engine; ``prompt_param``
     names the field a prompt error blames (chat: ``messages``)."""
     requests = []
-    vocab_size = getattr(getattr(engine, "core", None), "vocab_size", None)
     for p, prompt in enumerate(prompts):
         ids = prompt.token_ids
         room = engine.max_model_len - len(ids)
@@ -96,7 +99,7 @@ def _engine_requests(body: SamplingFields, engine, response_id: str, prompts: li
             request = EngineRequest(
                 f"{response_id}-{p * body.n + c}", tuple(ids), limit, ignore_eos=body.ignore_eos,
                 sampling=sampling_params(body, engine.default_sampling, c, logprobs,
-                                         prompt_logprobs, vocab_size),
+                                         prompt_logprobs),
                 exit_layer=body.exit_layer, num_speculations=body.num_speculations)
             try:
                 engine.validate_request(request)

@@ -30,6 +30,16 @@ def spec_stats(outs: list[RequestOutput]) -> SpecDecodeStats:
                            acceptance_rate=accepted / drafted if drafted else None)
 
 
+def _with_nulls(body: dict, out: RequestOutput | None) -> dict:
+    """A one-choice chunk with ``logprobs``, ``finish_reason`` and ``stop_reason`` always present
+    (null until set), as OpenAI and vLLM send them."""
+    choice = body["choices"][0]
+    choice.setdefault("logprobs", None)
+    choice["finish_reason"] = out.finish_reason if out else None
+    choice["stop_reason"] = out.stop_reason if out else None
+    return body
+
+
 def _top_dict(entry: TokenLogprob) -> dict[str, float]:
     """The legacy ``top_logprobs`` dict: the alternatives, and the chosen token (as vLLM)."""
     top = {text: lp for text, _, lp in entry.top_logprobs}
@@ -84,17 +94,14 @@ class CompletionFormatter:
         return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops,
                                   text_offset=offsets)
 
-    def chunk(self, index: int, out: RequestOutput, first: bool) -> dict | None:
-        """An SSE chunk for one output, or None when it carries nothing."""
+    def chunks(self, index: int, out: RequestOutput, first: bool) -> list[dict]:
+        """The SSE chunks for one output (none when it carries nothing)."""
         text, logprobs = self.delta(index, out, first)
         if not text and not out.finished and logprobs is None:
-            return None
+            return []
         choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
                                   finish_reason=out.finish_reason, stop_reason=out.stop_reason)
-        body = self._response([choice]).model_dump(exclude_none=True)
-        body["choices"][0].update(logprobs=body["choices"][0].get("logprobs"),
-                                  finish_reason=out.finish_reason)
-        return body
+        return [_with_nulls(self._response([choice]).model_dump(exclude_none=True), out)]
 
     def _response(self, choices, **kw) -> CompletionResponse:
         extra = {} if self.created is None else {"created": self.created}
@@ -156,17 +163,23 @@ class ChatFormatter:
         return ChatCompletionResponse(id=self.response_id, model=self.model, choices=choices,
                                       **extra, **kw)
 
-    def chunk(self, index: int, out: RequestOutput, first: bool) -> dict | None:
-        """An SSE chunk for one output (the first also carries ``role``), or None if empty."""
-        if not out.text and not out.finished and not first and not out.logprobs:
-            return None
-        delta = ChatResponseMessage(role="assistant" if first else None, content=out.text)
-        choice = ChatChoice(index=index, delta=delta, logprobs=_chat_logprobs(out.logprobs),
-                            finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+    def chunks(self, index: int, out: RequestOutput, first: bool) -> list[dict]:
+        """The SSE chunks for one output: a choice opens with ``{"role": "assistant",
+        "content": ""}`` alone, as OpenAI's stream does; then the content deltas."""
+        bodies = []
+        if first:
+            opening = ChatChoice(index=index, delta=ChatResponseMessage(role="assistant", content=""))
+            bodies.append(self._chunk(opening, None))
+        if out.text or out.finished or out.logprobs:
+            choice = ChatChoice(index=index, delta=ChatResponseMessage(content=out.text),
+                                logprobs=_chat_logprobs(out.logprobs),
+                                finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+            bodies.append(self._chunk(choice, out))
+        return bodies
+
+    def _chunk(self, choice: ChatChoice, out: RequestOutput | None) -> dict:
         body = self._response([choice], object="chat.completion.chunk").model_dump(exclude_none=True)
-        body["choices"][0].update(logprobs=body["choices"][0].get("logprobs"),
-                                  finish_reason=out.finish_reason)
-        return body
+        return _with_nulls(body, out)
 
     def final_chunk(self, usage: UsageInfo | None, spec: SpecDecodeStats) -> dict:
         """The last chunk: no choices, the totals (``acceptance_rate`` null when nothing was

@@ -85,6 +85,7 @@ async def _respond(request: Request, engine, body, requests, formatter):
     whole["spec_decode"] = response.spec_decode.model_dump()  # acceptance_rate null, not absent
     for choice in whole["choices"]:
         choice.setdefault("logprobs", None)
+        choice.setdefault("stop_reason", None)
     return JSONResponse(whole)
 
 

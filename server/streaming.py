@@ -54,7 +54,7 @@ def sse(payload: dict | str) -> str:
 
 async def stream_events(streams: list[AsyncIterator], formatter, include_usage: bool,
                         continuous_usage: bool, n: int) -> AsyncIterator[str]:
-    """Turn the engine streams of all choices into chunks (``formatter.chunk``), then ``[DONE]``.
+    """Turn the engine streams of all choices into chunks (``formatter.chunks``), then ``[DONE]``.
 
     With ``include_usage`` every chunk carries ``"usage": null`` (or, with
     ``continuous_usage``, the running totals) and a last chunk with ``"choices": []`` carries the
@@ -75,15 +75,16 @@ async def stream_events(streams: list[AsyncIterator], formatter, include_usage: 
         first = index not in last
         last[index] = out
         prompt_tokens[index], completion_tokens[index] = out.num_prompt_tokens, out.num_output_tokens
-        body = formatter.chunk(index, out, first)
-        if body is None:
-            continue
-        if include_usage:
-            body["usage"] = (usage_of(prompt_tokens, completion_tokens, n).model_dump()
-                             if continuous_usage else None)
-        if not include_usage and len(last) == len(streams) and all(o.finished for o in last.values()):
-            body["spec_decode"] = spec_stats(list(last.values())).model_dump()
-        yield sse(body)
+        bodies = formatter.chunks(index, out, first)
+        for body in bodies:
+            if include_usage:
+                body["usage"] = (usage_of(prompt_tokens, completion_tokens, n).model_dump()
+                                 if continuous_usage else None)
+        if bodies and not include_usage and len(last) == len(streams) \
+                and all(o.finished for o in last.values()):
+            bodies[-1]["spec_decode"] = spec_stats(list(last.values())).model_dump()
+        for body in bodies:
+            yield sse(body)
     else:
         if include_usage:
             yield sse(formatter.final_chunk(usage_of(prompt_tokens, completion_tokens, n),

@@ -75,6 +75,8 @@ COMPLETION_ERRORS = [
     (_completion(presence_penalty=3), "presence_penalty"),
     (_completion(frequency_penalty=-2.5), "frequency_penalty"),
     (_completion(repetition_penalty=0), "repetition_penalty"),
+    (_completion(repetition_penalty=1e-40), "repetition_penalty"),  # overflows float32
+    (_completion(repetition_penalty=10.5), "repetition_penalty"),
     (_completion(n=0), "n"),
     (_completion(n=17), "n"),
     (_completion(max_tokens=-1), "max_tokens"),
@@ -170,6 +172,18 @@ def test_unknown_model_is_a_404(client, before):
     assert _greedy_text(client) == before
 
 
+def test_a_model_name_that_is_not_valid_unicode_is_a_404_not_a_crash(client, before):
+    r = _post(client, "/v1/completions", '{"model": "\\ud800", "prompt": "x"}')
+    _assert_openai_error(r, 404, "model")
+    assert _greedy_text(client) == before
+
+
+def test_unknown_routes_and_methods_answer_in_the_openai_shape(client):
+    for r, status in ((client.get("/v1/nothing"), 404), (client.get("/v1/completions"), 405)):
+        assert r.status_code == status
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_malformed_bodies_are_400s(client, before):
     for raw in ("{not json", "[1, 2]", '"prompt"', ""):
         r = _post(client, "/v1/completions", raw)
@@ -219,6 +233,7 @@ CHAT_ERRORS = [
     (_chat(num_speculations=99), "num_speculations"),
     (_chat(stop_token_ids=[4096]), "stop_token_ids"),
     (_chat(messages=[{"role": "user", "content": "x " * 600}]), "messages"),
+    (_chat(messages=[{"role": "user", "content": "x " * 600}], max_tokens=None), "messages"),
     ('{"model": "%s", "messages": [{"role": "user", "content": "x"}], "top_p": NaN}' % MODEL,
      "top_p"),
 ]
