@@ -20,7 +20,8 @@ Three acceptance rules, chosen per row:
   accepted when it equals the full model's sample. Plain decoding with the same seed draws the
   same ``g_n``, so a seeded request's output is the same with speculation on or off, in any
   batch; each token is still an exact sample from ``p_n``. Acceptance is somewhat lower than
-  rejection sampling's ``1 − TV(p, q)`` (at least ``(1 − TV)/(1 + TV)``).
+  rejection sampling's ``1 − TV(p, q)``, at least ``(1 − TV)/(1 + TV)`` (Daliri, Musco and
+  Suresh 2024, "Coupling without Communication and Drafter-Invariant Speculative Decoding").
 
 Seeded rows draw their noise from generators keyed by ``(seed, position)`` (:func:`noise_seed`), never from a shared one: a position's noise is only ever consumed once (a
 round starts past the token it last emitted), and a row's draws do not depend on what else is in

@@ -13,7 +13,10 @@ def test_modelled_speedup_matches_the_formula_and_plain_is_one():
 
 
 def test_good_acceptance_drafts_and_poor_acceptance_does_not():
-    assert best_num_speculations(0.7, 4, 4, L, HEAD) == 2
+    gains = [modelled_speedup(k, 0.7, 4, L, HEAD) for k in range(1, 5)]
+    assert gains.index(max(gains)) + 1 == 2  # the model's best is k = 2 ...
+    assert best_num_speculations(0.7, 4, 4, L, HEAD) == 3  # ... and k = 3 is within TIE of it
+    assert best_num_speculations(0.7, 1, 4, L, HEAD) == 1
     assert best_num_speculations(0.95, 8, 4, L, HEAD) > 2
     assert best_num_speculations(0.05, 4, 4, L, HEAD) == 0
     assert best_num_speculations(1.0, 4, L, L, HEAD) == 0  # a full-depth draft never pays
@@ -40,7 +43,7 @@ def test_a_successful_probe_turns_speculation_back_on():
     k = 0
     while k == 0:
         k = policy.choose(state, 2, 4)
-    for _ in range(5):
+    for _ in range(15):
         policy.observe(state, k, k, 2, 4)  # everything accepted
     assert policy.choose(state, 2, 4) == 2
 
