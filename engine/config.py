@@ -26,8 +26,8 @@ class EngineConfig:
         max_num_batched_tokens: prompt tokens prefilled per step (tokens), at least one prompt.
         max_model_len: prompt plus completion limit (tokens); ``None`` takes the model's
             ``max_position_embeddings``, capped at :data:`DEFAULT_MAX_MODEL_LEN_CAP`.
-        seed: seed of the keys of requests without their own ``seed`` (so a whole run is
-            reproducible for the same arrivals), and of torch's global generator.
+        seed: seed of the engine's generator, which draws the noise of requests without their
+            own ``seed`` (so a whole run repeats for the same arrivals), and of torch's global one.
     """
 
     model: str
