@@ -71,6 +71,8 @@ def test_the_server_mounts_models_read_only_and_passes_only_real_flags():
     assert server["read_only"] is True and "/tmp" in server["tmpfs"]
     grace = int(re.fullmatch(r"(\d+)s", server["stop_grace_period"]).group(1))
     assert grace >= 60
+    drain = next(e for e in server["environment"] if e.startswith("LAYERSKIP_TIMEOUT_GRACEFUL_SHUTDOWN="))
+    assert float(re.search(r"(\d+)\}?$", drain).group(1)) < grace, "the server must finish draining first"
 
 
 def test_the_mounted_folders_exist():

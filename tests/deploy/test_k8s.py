@@ -108,6 +108,9 @@ def test_the_deployment_is_probed_secured_and_selected(overlay):
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "model loading needs minutes"
     assert spec["terminationGracePeriodSeconds"] >= 60
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    drain = float(env["LAYERSKIP_TIMEOUT_GRACEFUL_SHUTDOWN"])
+    assert drain < spec["terminationGracePeriodSeconds"], "the server must finish draining first"
     assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
