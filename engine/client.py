@@ -4,8 +4,8 @@ The engine core runs in its own daemon thread, stepping while any request waits 
 blocking on its inbox when idle. The asyncio side submits requests and receives each request's
 ``RequestOutput`` deltas on an ``asyncio.Queue`` fed with ``call_soon_threadsafe``. A client that
 goes away (a closed stream) aborts its request, which frees its KV slot at the next step.
-An exception inside a step finishes the requests of that step with ``error`` and the engine goes
-on serving; it never takes the thread down.
+An exception inside a step finishes every live request with ``error`` (and tells those the
+failed step had already finished) and the engine goes on serving; it never takes the thread down.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class AsyncEngine:
         self.metrics = metrics
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._added: set[str] = set()  # in the engine and not yet finished (engine thread only)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._stopping = False
 
@@ -137,6 +138,8 @@ class AsyncEngine:
                 self._inbox.put(("abort", request.request_id))
 
     def _deliver(self, request_id: str, item) -> None:
+        if isinstance(item, Exception) or item.finished:
+            self._added.discard(request_id)
         target = self._streams.get(request_id)
         if target is not None:
             loop, stream = target
@@ -157,10 +160,13 @@ class AsyncEngine:
             if kind == "add":
                 try:
                     self.core.add_request(payload)
+                    self._added.add(payload.request_id)
                 except Exception as exc:  # InvalidRequestError, or anything unexpected
                     self._deliver(payload.request_id, exc)
-            elif kind == "abort" and self.core.abort_request(payload) is not None:
-                self._observe(self.core.queue_stats())
+            elif kind == "abort":
+                self._added.discard(payload)
+                if self.core.abort_request(payload) is not None:
+                    self._observe(self.core.queue_stats())
 
     def _observe(self, stats) -> None:
         if self.metrics is not None:
@@ -171,7 +177,12 @@ class AsyncEngine:
             outputs, stats = self.core.step()
         except Exception as exc:  # a bug or a device error: fail the live requests, go on
             logger.exception("engine step failed")
-            outputs, stats = self.core.fail_all(f"internal engine error: {exc}"), self.core.queue_stats()
+            message = f"internal engine error: {exc}"
+            # Requests the failed step had already finished lost their last output with it.
+            orphans = [r for r in self._added if not self.core.is_live(r)]
+            outputs, stats = self.core.fail_all(message), self.core.queue_stats()
+            for request_id in orphans:
+                self._deliver(request_id, RuntimeError(message))
         self._observe(stats)  # before delivering, so a finished request is already counted
         for out in outputs:
             self._deliver(out.request_id, out)

@@ -57,3 +57,49 @@ class IncrementalDetokenizer:
     def _advance(self, text: str, prefix_text: str, end: int) -> str:
         self.prefix_offset, self.read_offset = self.read_offset, end
         return text[len(prefix_text):]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte ↔ printable-character table, which byte-level BPE vocabularies are written in."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class TokenBytes:
+    """The raw bytes of single tokens (OpenAI's logprobs ``bytes``): byte-level BPE pieces through
+    GPT-2's byte table, SentencePiece byte-fallback pieces (``<0xNN>``) as that byte, anything
+    else as the UTF-8 of its piece (SentencePiece's ``▁`` read as a space). A token that holds
+    part of a character thus gives its own bytes, not those of U+FFFD.
+
+    Args:
+        tokenizer: a transformers tokenizer.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.byte_level = "ByteLevel" in repr(getattr(backend, "decoder", None))
+
+    def __call__(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return b""
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        if self.byte_level and all(c in _BYTE_DECODER for c in piece):
+            return bytes(_BYTE_DECODER[c] for c in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")

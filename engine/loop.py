@@ -16,7 +16,7 @@ import torch
 
 from engine.config import (DEFAULT_MAX_MODEL_LEN_CAP, DEFAULT_NUM_SPECULATIONS,
                            MAX_NUM_SPECULATIONS, EngineConfig)
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, TokenBytes
 from engine.kv_cache import KVCache
 from engine.outputs import append_with_stops, make_output
 from engine.request import (EngineRequest, InvalidRequestError, RequestOutput, Sequence,
@@ -98,6 +98,7 @@ class EngineCore:
         self.generator = torch.Generator(device=self.model.device).manual_seed(config.seed)
         self._token_text = functools.lru_cache(maxsize=1 << 16)(
             lambda i: self.tokenizer.decode([i], clean_up_tokenization_spaces=False))
+        self._token_bytes = functools.lru_cache(maxsize=1 << 16)(TokenBytes(self.tokenizer))
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._finished_outside_steps: list[FinishedStats] = []
@@ -198,6 +199,10 @@ class EngineCore:
         self.scheduler.finish(seq, status)
         self._finished_outside_steps.append(_finished_stats(seq, time.monotonic()))
         return make_output(seq, [], self.detokenizers.pop(request_id), error=error)
+
+    def is_live(self, request_id: str) -> bool:
+        """Whether the request waits or runs."""
+        return self.scheduler.find(request_id) is not None
 
     def has_work(self) -> bool:
         """Whether a request waits or runs."""
@@ -309,8 +314,8 @@ class EngineCore:
             else self._logprobs(out.prompt_logprobs))
 
     def _logprobs(self, entries) -> list[TokenLogprob]:
-        text = self._token_text
-        return [TokenLogprob(t, text(t), lp, [(text(i), i, v) for i, v in top])
+        text, raw = self._token_text, self._token_bytes
+        return [TokenLogprob(t, text(t), lp, [(text(i), i, v, raw(i)) for i, v in top], raw(t))
                 for t, lp, top in entries]
 
     def fail_all(self, message: str) -> list[RequestOutput]:

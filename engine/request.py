@@ -172,13 +172,17 @@ class TokenLogprob:
         token: its text (``tokenizer.decode([token_id])``).
         logprob: natural log-probability (of the model's raw distribution, before temperature,
             penalties or truncation, as vLLM's default ``raw_logprobs``).
-        top_logprobs: the ``n`` most likely ``(token text, token id, logprob)``, most likely first.
+        top_logprobs: the ``n`` most likely ``(token text, token id, logprob, token bytes)``,
+            most likely first.
+        token_bytes: the token's raw bytes (part of a character for some byte-level tokens,
+            whose ``token`` text is then U+FFFD).
     """
 
     token_id: int
     token: str
     logprob: float
-    top_logprobs: list[tuple[str, int, float]]
+    top_logprobs: list[tuple[str, int, float, bytes]]
+    token_bytes: bytes = b""
 
 
 @dataclass

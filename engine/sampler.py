@@ -23,10 +23,13 @@ Three acceptance rules, chosen per row:
   rejection sampling's ``1 − TV(p, q)``, at least ``(1 − TV)/(1 + TV)`` (Daliri, Musco and
   Suresh 2024, "Coupling without Communication and Drafter-Invariant Speculative Decoding").
 
-Seeded rows draw their noise from generators keyed by ``(seed, position)`` (:func:`noise_seed`), never from a shared one: a position's noise is only ever consumed once (a
-round starts past the token it last emitted), and a row's draws do not depend on what else is in
-the batch. Unseeded rows draw fresh noise for the whole batch at once from the engine's generator
-(seeded by ``EngineConfig.seed``, so a whole run repeats for the same arrivals).
+Seeded rows draw their noise from generators keyed by ``(seed, position)`` (:func:`noise_seed`),
+never from a shared one, so a row's draws do not depend on what else is in the batch. A position
+past a round's last emitted token is drafted (and verified) again next round with the same noise;
+that is what makes the coupling exact, and each position's noise still decides exactly one
+emitted token given the true prefix. Unseeded rows draw fresh noise for the whole batch at once
+from the engine's generator (seeded by ``EngineConfig.seed``, so a whole run repeats for the same
+arrivals).
 """
 
 from __future__ import annotations
@@ -129,8 +132,9 @@ def process_logits(logits: torch.Tensor, sb: SamplingBatch, drafts: torch.Tensor
                    start: int = 0) -> torch.Tensor:
     """Penalties, temperature and truncation: ``(B, T, V)`` logits → ``(B, T, V)`` scores.
 
-    Scores are log-probabilities (``-inf`` for truncated tokens) on sampled rows and penalised
-    logits on greedy rows; either way the argmax is the greedy token.
+    Scores are log-probabilities (``-inf`` for truncated tokens) for every row; on greedy rows
+    temperature is 1 and truncation keeps the most likely token, so their argmax is the
+    (penalised) greedy token.
 
     Args:
         logits: fp32 logits; row ``t`` predicts the token after round index ``start + t``.

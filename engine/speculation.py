@@ -15,7 +15,8 @@ layers plus the LM head (cost ``h`` layers' worth, from parameter counts), then 
 drafting when some ``k`` is modelled to gain :data:`START_GAIN` and keeps drafting until none
 reaches :data:`KEEP_GAIN` (hysteresis). A sequence that stopped probes again with a one-draft
 round after ``probe_interval`` plain rounds; each failed probe doubles the interval (up to
-:data:`MAX_PROBE_INTERVAL`), an accepted one resets it. Plain Python over numbers.
+:data:`MAX_PROBE_INTERVAL`); an accepted one resets it and probes again at once, so a run of
+accepted probes lifts the estimate back over the start threshold. Plain Python over numbers.
 """
 
 from __future__ import annotations

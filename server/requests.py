@@ -1,8 +1,8 @@
 """HTTP bodies → engine requests: checks, tokenization, chat templating, sampling parameters.
 
-Every refusal is an :class:`~server.errors.APIError` 400 that names the parameter; nothing here
-touches tensors or engine state (the engine's own checks run through ``engine.validate_request``,
-which is read-only).
+Every refusal is an :class:`~server.errors.APIError`: a 400 that names the parameter, a 404 for
+an unknown model, a 503 when the engine is down. Nothing here touches tensors or engine state
+(the engine's own checks run through ``engine.validate_request``, which is read-only).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def _with_nulls(body: dict, out: RequestOutput | None) -> dict:
 
 def _top_dict(entry: TokenLogprob) -> dict[str, float]:
     """The legacy ``top_logprobs`` dict: the alternatives, and the chosen token (as vLLM)."""
-    top = {text: lp for text, _, lp in entry.top_logprobs}
+    top = {text: lp for text, _, lp, _ in entry.top_logprobs}
     top.setdefault(entry.token, entry.logprob)
     return top
 
@@ -146,9 +146,9 @@ def _chat_logprobs(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
     if entries is None:
         return None
     return ChatLogprobs(content=[
-        ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token.encode("utf-8")),
-                         top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode("utf-8")))
-                                       for t, _, lp in e.top_logprobs])
+        ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token_bytes),
+                         top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(raw))
+                                       for t, _, lp, raw in e.top_logprobs])
         for e in entries])
 
 

@@ -90,18 +90,25 @@ async def _respond(request: Request, engine, body, requests, formatter):
 
 
 async def _gather_unless_disconnected(request: Request, coros: list, poll_seconds: float = 0.5):
-    """Await all ``coros``; if the client goes away first, cancel them (which aborts their
-    engine requests and frees their KV slots) instead of decoding for nobody."""
-    task = asyncio.ensure_future(asyncio.gather(*coros))
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=poll_seconds)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
+    """Await all ``coros``; if the client goes away first, or one of them fails, cancel the others
+    (which aborts their engine requests and frees their KV slots) instead of decoding for nobody."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        while True:
+            done, pending = await asyncio.wait(tasks, timeout=poll_seconds,
+                                               return_when=asyncio.FIRST_EXCEPTION)
+            failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+            if failed:
+                raise failed[0].exception()
+            if not pending:
+                return [t.result() for t in tasks]
+            if await request.is_disconnected():
+                raise APIError(499, "client disconnected")
+    finally:
+        for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise APIError(499, "client disconnected")
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _collect(stream) -> list:
@@ -112,6 +119,8 @@ async def _collect(stream) -> list:
             outs.append(out)
     except InvalidRequestError as exc:  # refused by the engine's own validation
         raise APIError(400, str(exc), exc.param) from exc
+    except RuntimeError as exc:  # the engine stopped, or a step failed after finishing this one
+        raise APIError(503 if "not running" in str(exc) else 500, str(exc), type="server_error") from exc
     if outs[-1].error:
         raise APIError(500, outs[-1].error, type="server_error")
     return outs

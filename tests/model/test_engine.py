@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from engine.client import AsyncEngine
-from engine.request import EngineRequest
+from engine.request import EngineRequest, SamplingParams
 from tests.conftest import run_engine, tokens_of
 
 PROMPT = "def parse_args(argv=None):\n    parser = argparse.ArgumentParser("
@@ -129,3 +129,32 @@ def test_a_broken_inbox_fails_live_requests_instead_of_spinning(bundled_model, m
     later = asyncio.run(scenario())
     assert later[-1].finish_reason == "length" and later[-1].num_output_tokens == 4
     assert core.scheduler.slots.num_free == core.config.max_num_seqs
+
+
+def test_a_request_finished_by_a_failing_step_gets_an_error_not_a_hang(cores, monkeypatch):
+    plain, _ = cores
+    prompt = tuple(plain.tokenizer.encode(PROMPT))
+    engine = AsyncEngine(plain)
+
+    def broken(entries):  # fails after _emit has already finished the sequence
+        raise RuntimeError("injected output fault")
+
+    monkeypatch.setattr(plain, "_logprobs", broken)
+
+    async def scenario():
+        engine.start()
+        try:
+            request = EngineRequest("done", prompt, 1, sampling=SamplingParams(temperature=0, logprobs=1))
+            with pytest.raises(RuntimeError, match="injected output fault"):
+                await asyncio.wait_for(_drain(engine.generate(request)), timeout=60)
+            monkeypatch.undo()
+            return await _drain(engine.generate(EngineRequest("next", prompt, 4)))
+        finally:
+            engine.shutdown()
+
+    outs = asyncio.run(scenario())
+    assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 4
+
+
+async def _drain(stream) -> list:
+    return [o async for o in stream]

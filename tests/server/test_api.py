@@ -165,3 +165,17 @@ def test_malformed_json_is_a_400(client):
 
 def test_unknown_fields_are_ignored(client):
     assert _complete(client, max_tokens=2, some_client_extension={"a": 1}).status_code == 200
+
+
+def test_chat_logprob_bytes_concatenate_to_the_content(client):
+    r = client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "# café ü\nprint('naïve')"}],
+        "max_completion_tokens": 24, "temperature": 0, "logprobs": True, "top_logprobs": 2})
+    choice = r.json()["choices"][0]
+    entries = choice["logprobs"]["content"]
+    assert len(entries) == r.json()["usage"]["completion_tokens"]
+    if choice["finish_reason"] == "stop":  # the EOS token: counted, with bytes, but no text
+        entries = entries[:-1]
+    raw = b"".join(bytes(e["bytes"]) for e in entries)
+    assert raw.decode("utf-8", "replace") == choice["message"]["content"]
+    assert all(len(e["top_logprobs"]) == 2 for e in entries)

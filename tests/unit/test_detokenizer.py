@@ -57,3 +57,17 @@ def test_invalid_bytes_before_a_character_do_not_corrupt_it(tokenizer, chunk):
     out = "".join(detok.add(p, final=(i == len(parts) - 1)) for i, p in enumerate(parts))
     assert out == tokenizer.decode(ids)
     assert out.endswith("😀 done")
+
+
+def test_token_bytes_rebuild_multibyte_text_exactly():
+    from transformers import AutoTokenizer
+
+    from engine.detokenizer import TokenBytes
+    from models.loader import BUNDLED_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(BUNDLED_MODEL)
+    token_bytes = TokenBytes(tokenizer)
+    text = "é😀 naïve 日本語 \n\tdef f(): pass"
+    ids = tokenizer.encode(text)
+    assert any(tokenizer.decode([i]) == "\ufffd" for i in ids)  # some tokens split a character
+    assert b"".join(token_bytes(i) for i in ids) == text.encode("utf-8")
