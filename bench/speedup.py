@@ -161,6 +161,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _report(result: dict, args, num_prompts: int) -> None:
+    """Print a speedup run's figures (the README quotes this output)."""
+    print(f"prompts: {num_prompts} from the {args.split} split, {args.prompt_tokens} tokens each; "
+          f"{args.max_tokens} new tokens each, greedy, batch size {args.batch_size}, "
+          f"{args.device}, {torch.get_num_threads()} threads")
+    print(f"exit_layer={result['exit_layer']} num_speculations={result['num_speculations']} "
+          f"({'adaptive' if args.adaptive_speculation else 'fixed'}); "
+          f"median of {args.repeats} runs (speedups {', '.join(f'{x:.3f}' for x in result['speedups'])})")
+    print(f"plain decoding (k=0):    {result['plain_tokens_per_second']:8.1f} tokens/s")
+    print(f"self-speculative:        {result['spec_tokens_per_second']:8.1f} tokens/s")
+    print(f"speedup:                 {result['speedup']:8.3f}x")
+    print(f"drafted tokens:          {result['num_draft_tokens']:8d}")
+    if result["acceptance_rate"] is not None:
+        print(f"acceptance rate:         {result['acceptance_rate']:8.3f}")
+        print(f"mean accepted length:    {result['mean_accepted_length']:8.3f} tokens per round")
+    print(f"greedy outputs differing from plain decoding: {result['greedy_mismatches']}")
+
+
 def main(argv=None) -> None:
     """Entry point."""
     args = parse_args(argv)
@@ -195,20 +213,7 @@ def main(argv=None) -> None:
         result = {**header, **runs[len(runs) // 2], "repeats": args.repeats,
                   "speedups": [r["speedup"] for r in runs],
                   "greedy_mismatches": sum(r["greedy_mismatches"] for r in runs)}
-        print(f"prompts: {len(prompts)} from the {args.split} split, {args.prompt_tokens} tokens each; "
-              f"{args.max_tokens} new tokens each, greedy, batch size {args.batch_size}, "
-              f"{args.device}, {torch.get_num_threads()} threads")
-        print(f"exit_layer={result['exit_layer']} num_speculations={result['num_speculations']} "
-              f"({'adaptive' if args.adaptive_speculation else 'fixed'}); "
-              f"median of {args.repeats} runs (speedups {', '.join(f'{x:.3f}' for x in result['speedups'])})")
-        print(f"plain decoding (k=0):    {result['plain_tokens_per_second']:8.1f} tokens/s")
-        print(f"self-speculative:        {result['spec_tokens_per_second']:8.1f} tokens/s")
-        print(f"speedup:                 {result['speedup']:8.3f}x")
-        print(f"drafted tokens:          {result['num_draft_tokens']:8d}")
-        if result["acceptance_rate"] is not None:
-            print(f"acceptance rate:         {result['acceptance_rate']:8.3f}")
-            print(f"mean accepted length:    {result['mean_accepted_length']:8.3f} tokens per round")
-        print(f"greedy outputs differing from plain decoding: {result['greedy_mismatches']}")
+        _report(result, args, len(prompts))
         if args.hf_reference:
             result.update(hf_reference(args.model, prompts, args.max_tokens, result["exit_layer"],
                                        result["num_speculations"]))

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +96,48 @@ def tokens_of(outputs: dict[str, list]) -> dict[str, list[int]]:
 def make_core():
     """Build an :class:`EngineCore` from keyword arguments of :class:`EngineConfig`."""
     return lambda **kwargs: EngineCore(EngineConfig(**kwargs))
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(log: Path, *args: str, env: dict | None = None, timeout_s: float = 120):
+    """``layerskip-serve *args`` (this interpreter's console script) on a free loopback port,
+    logging to ``log`` (a pipe nobody reads would block the server once full of access-log
+    lines); yields its base URL once ``/health`` answers 200, and stops it afterwards."""
+    import httpx
+
+    beside = Path(sys.executable).with_name("layerskip-serve")  # this interpreter's, venv or not
+    command = str(beside) if beside.exists() else shutil.which("layerskip-serve")
+    assert command, "the layerskip-serve console script is not installed (pip install -e .)"
+    port = free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([command, *args], env={**os.environ, **(env or {}),
+                                                       "LAYERSKIP_PORT": str(port)},
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("layerskip-serve exited:\n" + log.read_text())
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"layerskip-serve did not become healthy in {timeout_s:.0f} s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import time
-
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from engine.client import AsyncEngine
 from engine.metrics import EngineMetrics
 from server.app import build_app
+from tests.conftest import serve
 
 
 def make_client(make_core, **config) -> TestClient:
@@ -37,39 +31,8 @@ def plain_client(bundled_model, make_core):
         yield c
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def live_server():
+def live_server(tmp_path_factory):
     """``layerskip-serve`` as a subprocess on a free loopback port; yields its base URL."""
-    port = free_port()
-    env = {**os.environ, "LAYERSKIP_PORT": str(port)}
-    command = shutil.which("layerskip-serve")
-    assert command, "the layerskip-serve console script is not installed (pip install -e .)"
-    proc = subprocess.Popen([command, "--max-num-seqs", "4"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("layerskip-serve exited:\n" + proc.stdout.read())
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("layerskip-serve did not become healthy in 120 s")
-            time.sleep(0.3)
+    with serve(tmp_path_factory.mktemp("serve") / "layerskip-serve.log", "--max-num-seqs", "4") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
