@@ -257,11 +257,16 @@ class EngineCore:
             k = req.num_speculations
         else:
             k = self.policy.choose(seq.spec, self.num_speculations, exit_layer)
-        return exit_layer, max(0, min(k, req.max_tokens - seq.num_output_tokens - 1))
+        return exit_layer, self._room(seq, k)
+
+    @staticmethod
+    def _room(seq: Sequence, k: int) -> int:
+        """``k``, but no more drafts than the sequence may still emit (a round gives k + 1)."""
+        return max(0, min(k, seq.request.max_tokens - seq.num_output_tokens - 1))
 
     def _decode(self, seqs: list[Sequence], stats: StepStats):
         """One round per group: the plain sequences together, the drafting ones by exit layer
-        (each with its own ``k``, the group drafting the largest)."""
+        (the group drafting the largest ``k`` any of its sequences chose)."""
         plans = [self._plan(s) for s in seqs]
         groups: dict[int | None, list[int]] = {}
         for i, (exit_layer, k) in enumerate(plans):
@@ -269,7 +274,12 @@ class EngineCore:
         results = []
         for exit_layer, members in groups.items():
             group = [seqs[i] for i in members]
-            ks = [plans[i][1] for i in members]
+            # The group drafts its largest k for every row; a row whose k the policy chose may use
+            # all of those drafts (free, and exact for any k fixed before drafting) up to what it
+            # may still emit. A k the request fixed is kept.
+            k = max(plans[i][1] for i in members)
+            ks = [plans[i][1] if seqs[i].request.num_speculations is not None or not exit_layer
+                  else self._room(seqs[i], k) for i in members]
             out = self.runner.decode_round(
                 [s.slot for s in group], [s.token_ids[-1] for s in group],
                 [s.num_computed_tokens for s in group], exit_layer or self.exit_layer, max(ks),
