@@ -89,17 +89,9 @@ class AsyncEngine:
         ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty`` where it sets them)."""
         return self.core.default_sampling
 
-    def validate(self, prompt_token_ids, max_tokens: int) -> None:
+    def validate_request(self, request: EngineRequest) -> None:
         """Check a request against the model's limits before submitting it (no engine state is
         touched, so this is safe from the asyncio thread).
-
-        Raises:
-            engine.request.InvalidRequestError: see ``EngineCore.validate``.
-        """
-        self.core.validate(prompt_token_ids, max_tokens)
-
-    def validate_request(self, request: EngineRequest) -> None:
-        """:meth:`validate` plus the request's extras (read-only, safe from the asyncio thread).
 
         Raises:
             engine.request.InvalidRequestError: see ``EngineCore.validate_request``.

@@ -238,9 +238,12 @@ class EngineCore:
         self._finished_outside_steps = []
         return stats
 
-    def _sampling(self, seqs: list[Sequence]) -> SamplingBatch:
-        """The rows' sampling state; each row's first logits predict position
-        ``num_computed_tokens + 1`` (the prompt length at prefill)."""
+    def _sampling(self, seqs: list[Sequence]) -> SamplingBatch | None:
+        """The rows' sampling state (None when all are greedy without penalties: raw argmax);
+        each row's first logits predict position ``num_computed_tokens + 1`` (the prompt length
+        at prefill)."""
+        if all(s.request.sampling.greedy and not s.request.sampling.has_penalties for s in seqs):
+            return None
         return SamplingBatch.build(
             [s.request.sampling for s in seqs], [s.request.sampling.seed or 0 for s in seqs],
             [max(s.num_computed_tokens + 1, s.num_prompt_tokens) for s in seqs],
