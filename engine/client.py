@@ -1,41 +1,325 @@
-"""The one asyncio ↔ engine-thread boundary: a queue into the engine, a queue per request out.
+"""The one API ↔ engine boundary: requests in, each request's ``RequestOutput`` deltas out.
 
-The engine core runs in its own daemon thread, stepping while any request waits or runs and
-blocking on its inbox when idle. The asyncio side submits requests and receives each request's
-``RequestOutput`` deltas on an ``asyncio.Queue`` fed with ``call_soon_threadsafe``. A client that
-goes away (a closed stream) aborts its request, which frees its KV slot at the next step.
-An exception inside a step finishes every live request with ``error`` (and tells those the
-failed step had already finished) and the engine goes on serving; it never takes the thread down.
+Two transports with one interface (vLLM v1's ``EngineCoreClient`` has the same pair):
+
+- :class:`MPEngineClient`, what ``layerskip-serve`` runs: the engine core in its own process
+  (:mod:`engine.core_proc`), so HTTP work in the API process never holds the engine's GIL.
+  Requests go over a pipe from a sender thread; every step's outputs come back in one message,
+  read on the event loop (``loop.add_reader``) and put on the requests' ``asyncio.Queue``\\s.
+  When the engine process dies, every in-flight request ends with an error at once, the client
+  turns unhealthy, and ``on_engine_death`` is called (the CLI then exits non-zero).
+- :class:`AsyncEngine`: the same core in a thread of the calling process, for the tests and
+  for embedding the server in one process.
+
+Both answer the API side's questions (tokenizer, limits, request checks) from the
+:class:`~engine.processor.EngineInfo` the core hands over, without touching engine state. A
+caller that goes away (a closed stream) aborts its request, which frees its KV slot at the next
+step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from engine.loop import EngineCore
+from engine.config import EngineConfig
+from engine.core_proc import EngineLoop, WireError, run_engine_core
+from engine.processor import EngineInfo, apply_chat_template, check_request
 from engine.request import EngineRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
 
 
-class AsyncEngine:
-    """Runs an :class:`EngineCore` in a thread and streams outputs to asyncio callers.
+class EngineDeadError(RuntimeError):
+    """The engine is not running (stopped, or its process died): the API answers 503."""
+
+
+class _EngineClient:
+    """What both transports share: the API side's view of the model, and the streams."""
+
+    info: EngineInfo
+    metrics = None
+
+    def __init__(self):
+        self._streams: dict[str, asyncio.Queue] = {}
+
+    @property
+    def model_name(self) -> str:
+        """The name the API serves the model under."""
+        return self.info.model_name
+
+    @property
+    def model_path(self) -> str:
+        """The checkpoint folder."""
+        return self.info.model_path
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt plus completion limit (tokens)."""
+        return self.info.max_model_len
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """Longer texts cannot fit in ``max_model_len`` tokens (characters); refuse them untokenized."""
+        return self.info.max_model_len * self.info.max_token_chars
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` (the checkpoint's tokenizer, its special tokens added)."""
+        return self.info.tokenizer.encode(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` (special tokens skipped)."""
+        return self.info.tokenizer.decode(token_ids, skip_special_tokens=True,
+                                          clean_up_tokenization_spaces=False)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
+                            ) -> list[int]:
+        """The prompt tokens of a conversation, through the checkpoint's chat template.
+
+        Raises:
+            engine.request.InvalidRequestError: the checkpoint has no chat template, or the
+                template refuses the messages (``param`` is ``messages``).
+        """
+        return apply_chat_template(self.info.tokenizer, messages, add_generation_prompt)
+
+    @property
+    def default_sampling(self) -> dict:
+        """Sampling defaults from the checkpoint's generation config (``temperature``,
+        ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty`` where it sets them)."""
+        return self.info.default_sampling
+
+    def validate_request(self, request: EngineRequest) -> None:
+        """Check a request against the model's limits before submitting it (the engine's own
+        checks, :func:`engine.processor.check_request`; no engine state is touched).
+
+        Raises:
+            engine.request.InvalidRequestError: a value out of range, naming the parameter.
+        """
+        info = self.info
+        check_request(request, info.vocab_size, info.max_model_len, info.num_layers)
+
+    @property
+    def is_healthy(self) -> bool:
+        raise NotImplementedError
+
+    def _submit(self, request: EngineRequest) -> None:
+        raise NotImplementedError
+
+    def _abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until the finished one.
+
+        Raises:
+            engine.request.InvalidRequestError: the engine refused the request.
+            EngineDeadError: the engine is not running, or stopped while the request ran.
+            RuntimeError: a step failed after finishing this request.
+        """
+        if not self.is_healthy:
+            raise EngineDeadError("the engine is not running")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = stream
+        self._submit(request)
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self._abort(request.request_id)
+
+    def fail_streams(self, exc_factory: Callable[[], Exception]) -> int:
+        """End every open stream now with ``exc_factory()`` and abort its engine request
+        (shutdown past its grace time, or a dead engine); returns how many there were."""
+        ids = list(self._streams)
+        for request_id in ids:
+            self._put(request_id, exc_factory())
+            self._abort(request_id)
+        return len(ids)
+
+    def _put(self, request_id: str, item) -> None:
+        """Hand ``item`` to the request's stream (on the event loop's thread)."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item.to_exception() if isinstance(item, WireError) else item)
+
+    def _observe(self, stats: list) -> None:
+        if self.metrics is not None:
+            for one in stats:
+                self.metrics.observe_step(one)
+
+
+class MPEngineClient(_EngineClient):
+    """The engine core in its own process (vLLM v1's ``EngineCoreProc`` behind
+    ``AsyncMPClient``).
+
+    Args:
+        config: the engine configuration.
+        cpu_threads: torch intra-op threads of the engine process.
+        metrics: an object with ``observe_step(stats)`` (``engine.metrics.EngineMetrics``), or None;
+            fed on the event loop from each step's message.
+        log_level: the engine process's logging level name.
+
+    :meth:`load` starts the process and waits for the model (raises ``ValueError`` with the
+    engine's message when it cannot load); :meth:`start`, on the event loop, begins reading its
+    outputs.
+    """
+
+    def __init__(self, config: EngineConfig, cpu_threads: int, metrics=None,
+                 log_level: str = "INFO"):
+        super().__init__()
+        self.config, self.cpu_threads, self.metrics = config, cpu_threads, metrics
+        self.log_level = log_level
+        self.on_engine_death: Callable[[], None] | None = None
+        self.dead = False
+        self._stopping = False
+        self._proc = None
+        self._conn = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="engine-sender", daemon=True)
+
+    def load(self, timeout: float | None = None) -> EngineInfo:
+        """Start the engine process and wait until it has loaded the model (seconds; None waits
+        as long as it takes).
+
+        Raises:
+            ValueError: the engine could not load the model (its message says why).
+            RuntimeError: the engine process died or did not answer in time.
+        """
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        parent, child = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(target=run_engine_core, name="layerskip-engine-core",
+                                 args=(self.config, child, self.cpu_threads, self.log_level),
+                                 daemon=True)
+        self._proc.start()
+        child.close()  # so the engine's death reads as end-of-file here
+        self._conn = parent
+        if timeout is not None and not parent.poll(timeout):
+            self._kill()
+            raise RuntimeError(f"the engine process did not load the model in {timeout:.0f} s")
+        try:
+            kind, payload = parent.recv()
+        except (EOFError, OSError):
+            self._proc.join(5)
+            raise RuntimeError(f"the engine process died while loading the model "
+                               f"(exit code {self._proc.exitcode})") from None
+        if kind == "failed":
+            self._proc.join(5)
+            raise ValueError(payload)
+        self.info = payload
+        self._sender.start()
+        return payload
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id (None before :meth:`load`)."""
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> None:
+        """Begin delivering outputs on the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+
+    @property
+    def is_healthy(self) -> bool:
+        """Whether the engine process is alive and not stopping."""
+        return (not self.dead and not self._stopping and self._proc is not None
+                and self._proc.is_alive())
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine process after its current step (seconds to wait before killing it)."""
+        self._stopping = True
+        if self._loop is not None and self._conn is not None:
+            try:
+                self._loop.remove_reader(self._conn.fileno())
+            except (ValueError, OSError, RuntimeError):
+                pass
+        self._outbox.put(("stop", None))
+        if self._proc is not None:
+            self._proc.join(timeout)
+            self._kill()
+
+    def _kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(2)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(2)
+
+    def _submit(self, request: EngineRequest) -> None:
+        self._outbox.put(("add", request))
+
+    def _abort(self, request_id: str) -> None:
+        self._outbox.put(("abort", request_id))
+
+    def _send_loop(self) -> None:
+        """Pickling and writing happen here, so a full pipe never blocks the event loop."""
+        while True:
+            message = self._outbox.get()
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):  # the engine is gone; its reader reports it
+                if message[0] == "stop":
+                    return
+                continue
+            if message[0] == "stop":
+                return
+
+    def _on_readable(self) -> None:
+        """Read every message the engine has sent (one per step) and deliver it."""
+        try:
+            while self._conn.poll():
+                kind, deliveries, stats = self._conn.recv()
+                self._observe(stats)  # before delivering, so a finished request is already counted
+                for request_id, item in deliveries:
+                    self._put(request_id, item)
+        except (EOFError, OSError):
+            self._on_engine_death()
+
+    def _on_engine_death(self) -> None:
+        self._loop.remove_reader(self._conn.fileno())
+        if self._stopping:
+            return
+        self.dead = True
+        self._proc.join(1)
+        code = self._proc.exitcode
+        message = f"the engine process died (exit code {code}); the server is restarting"
+        logger.error("%s; failing %d in-flight requests", message, len(self._streams))
+        self.fail_streams(lambda: EngineDeadError(message))
+        if self.on_engine_death is not None:
+            self.on_engine_death()
+
+
+class AsyncEngine(_EngineClient):
+    """Runs an :class:`~engine.loop.EngineCore` in a thread of this process and streams outputs
+    to asyncio callers (the tests' and embedders' transport).
 
     Args:
         core: the engine core (already loaded).
         metrics: an object with ``observe_step(stats)`` (``engine.metrics.EngineMetrics``), or None.
     """
 
-    def __init__(self, core: EngineCore, metrics=None):
+    def __init__(self, core, metrics=None):
+        super().__init__()
         self.core = core
         self.metrics = metrics
+        self.info = core.info()
+        self._engine = EngineLoop(core)
         self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._added: set[str] = set()  # in the engine and not yet finished (engine thread only)
+        self._loops: dict[str, asyncio.AbstractEventLoop] = {}
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._stopping = False
 
@@ -50,151 +334,57 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     @property
-    def model_name(self) -> str:
-        """The name the API serves the model under."""
-        return self.core.model_name
-
-    @property
-    def model_path(self) -> str:
-        """The checkpoint folder."""
-        return self.core.config.model
-
-    @property
-    def max_model_len(self) -> int:
-        """Prompt plus completion limit (tokens)."""
-        return self.core.max_model_len
-
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of ``text`` (the checkpoint's tokenizer, its special tokens added)."""
-        return self.core.tokenizer.encode(text)
-
-    def decode(self, token_ids: list[int]) -> str:
-        """The text of ``token_ids`` (special tokens skipped)."""
-        return self.core.tokenizer.decode(token_ids, skip_special_tokens=True,
-                                          clean_up_tokenization_spaces=False)
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
-                            ) -> list[int]:
-        """The prompt tokens of a conversation, through the checkpoint's chat template.
-
-        Raises:
-            engine.request.InvalidRequestError: the checkpoint has no chat template, or the
-                template refuses the messages (``param`` is ``messages``).
-        """
-        return self.core.apply_chat_template(messages, add_generation_prompt)
-
-    @property
-    def default_sampling(self) -> dict:
-        """Sampling defaults from the checkpoint's generation config (``temperature``,
-        ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty`` where it sets them)."""
-        return self.core.default_sampling
-
-    def validate_request(self, request: EngineRequest) -> None:
-        """Check a request against the model's limits before submitting it (no engine state is
-        touched, so this is safe from the asyncio thread).
-
-        Raises:
-            engine.request.InvalidRequestError: see ``EngineCore.validate_request``.
-        """
-        self.core.validate_request(request)
-
-    @property
     def is_healthy(self) -> bool:
         """Whether the engine thread is alive."""
         return self._thread.is_alive() and not self._stopping
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs until the finished one.
-
-        Raises:
-            ValueError: the engine refused the request (its message says why).
-            RuntimeError: the engine is not running.
-        """
-        if not self.is_healthy:
-            raise RuntimeError("the engine is not running")
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
+    def _submit(self, request: EngineRequest) -> None:
+        self._loops[request.request_id] = asyncio.get_running_loop()
         self._inbox.put(("add", request))
-        finished = False
-        try:
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, Exception):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._streams.pop(request.request_id, None)
-            if not finished:
-                self._inbox.put(("abort", request.request_id))
 
-    def _deliver(self, request_id: str, item) -> None:
-        if isinstance(item, Exception) or item.finished:
-            self._added.discard(request_id)
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
+    def _abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def _deliver(self, deliveries, stats) -> None:
+        self._observe(stats)
+        for request_id, item in deliveries:
+            if isinstance(item, WireError) or item.finished:
+                loop = self._loops.pop(request_id, None)
+            else:
+                loop = self._loops.get(request_id)
+            if loop is None:
+                continue
             try:
-                loop.call_soon_threadsafe(stream.put_nowait, item)
+                loop.call_soon_threadsafe(self._put, request_id, item)
             except RuntimeError:  # the caller's event loop has closed: nobody is listening
-                self._streams.pop(request_id, None)
-
-    def _drain_inbox(self, block: bool) -> None:
-        while True:
-            try:
-                kind, payload = self._inbox.get(block=block)
-            except queue.Empty:
-                return
-            block = False
-            if kind == "stop":
-                return
-            if kind == "add":
-                try:
-                    self.core.add_request(payload)
-                    self._added.add(payload.request_id)
-                except Exception as exc:  # InvalidRequestError, or anything unexpected
-                    self._deliver(payload.request_id, exc)
-            elif kind == "abort":
-                self._added.discard(payload)
-                if self.core.abort_request(payload) is not None:
-                    self._observe(self.core.queue_stats())
-
-    def _observe(self, stats) -> None:
-        if self.metrics is not None:
-            self.metrics.observe_step(stats)
-
-    def _step(self) -> None:
-        try:
-            outputs, stats = self.core.step()
-        except Exception as exc:  # a bug or a device error: fail the live requests, go on
-            logger.exception("engine step failed")
-            message = f"internal engine error: {exc}"
-            # Requests the failed step had already finished lost their last output with it.
-            orphans = [r for r in self._added if not self.core.is_live(r)]
-            outputs, stats = self.core.fail_all(message), self.core.queue_stats()
-            for request_id in orphans:
-                self._deliver(request_id, RuntimeError(message))
-        self._observe(stats)  # before delivering, so a finished request is already counted
-        for out in outputs:
-            self._deliver(out.request_id, out)
+                self._loops.pop(request_id, None)
 
     def _run(self) -> None:
+        engine, core = self._engine, self.core
         while not self._stopping:
             try:
-                self._drain_inbox(block=not self.core.has_work())
-                if not self._stopping and self.core.has_work():
-                    self._step()
+                deliveries, stats = [], []
+                block = not core.has_work()
+                while True:
+                    try:
+                        kind, payload = self._inbox.get(block=block)
+                    except queue.Empty:
+                        break
+                    block = False
+                    if kind == "stop":
+                        return
+                    if kind == "add":
+                        deliveries += engine.add(payload)
+                    else:
+                        self._loops.pop(payload, None)
+                        if (aborted := engine.abort(payload)) is not None:
+                            stats.append(aborted)
+                if core.has_work():
+                    step_deliveries, step_stats = engine.step()
+                    deliveries += step_deliveries
+                    stats.append(step_stats)
+                self._deliver(deliveries, stats)
             except Exception as exc:  # never let the thread die with requests waiting on it
                 logger.exception("engine loop error")
-                self._fail_everything(f"internal engine error: {exc}")
+                self._deliver(engine.fail_everything(f"internal engine error: {exc}"), [])
 
-    def _fail_everything(self, message: str) -> None:
-        """Last resort: finish every live sequence (so the loop cannot spin on them) and wake
-        every waiting caller with the error."""
-        try:
-            self.core.fail_all(message)
-        except Exception:  # the core itself is broken; the callers still get their error below
-            logger.exception("could not fail the live requests")
-        for request_id in list(self._streams):
-            self._deliver(request_id, RuntimeError(message))

@@ -19,6 +19,8 @@ from engine.config import (DEFAULT_MAX_MODEL_LEN_CAP, DEFAULT_NUM_SPECULATIONS,
 from engine.detokenizer import IncrementalDetokenizer, TokenBytes
 from engine.kv_cache import KVCache
 from engine.outputs import append_with_stops, make_output
+from engine.processor import (EngineInfo, apply_chat_template, check_prompt, check_request,
+                              max_token_chars)
 from engine.request import (EngineRequest, InvalidRequestError, RequestOutput, Sequence,
                             SequenceStatus, TokenLogprob)
 from engine.sampler import SamplingBatch
@@ -113,48 +115,22 @@ class EngineCore:
         return self.model.shape.vocab_size
 
     def validate(self, prompt_token_ids, max_tokens: int) -> None:
-        """Check a prompt and ``max_tokens`` against the model's limits.
+        """Check a prompt and ``max_tokens`` against the model's limits
+        (:func:`engine.processor.check_prompt`).
 
         Raises:
-            InvalidRequestError: an empty prompt, a token id outside the vocabulary,
-                ``max_tokens < 0``, or prompt plus ``max_tokens`` over ``max_model_len`` (both
-                numbers named); its ``param`` is ``prompt`` or ``max_tokens``.
+            InvalidRequestError: see :func:`engine.processor.check_prompt`.
         """
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if max_tokens < 0:
-            raise InvalidRequestError(f"max_tokens must be at least 0, got {max_tokens}", "max_tokens")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})", "prompt")
-        if n + max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"you requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for "
-                "the completion). Please reduce the prompt or max_tokens.", "max_tokens")
+        check_prompt(prompt_token_ids, max_tokens, self.vocab_size, self.max_model_len)
 
     def validate_request(self, request: EngineRequest) -> None:
-        """:meth:`validate`, plus the speculation extras and ``stop_token_ids``.
+        """:meth:`validate`, plus the speculation extras and ``stop_token_ids``
+        (:func:`engine.processor.check_request`).
 
         Raises:
             InvalidRequestError: a value out of range, naming the parameter.
         """
-        self.validate(request.prompt_token_ids, request.max_tokens)
-        L = self.model.num_layers
-        if request.exit_layer is not None and not 1 <= request.exit_layer <= L:
-            raise InvalidRequestError(f"exit_layer must be in 1..{L}, got {request.exit_layer}",
-                                      "exit_layer")
-        k = request.num_speculations
-        if k is not None and not 0 <= k <= MAX_NUM_SPECULATIONS:
-            raise InvalidRequestError(
-                f"num_speculations must be in 0..{MAX_NUM_SPECULATIONS}, got {k}", "num_speculations")
-        bad = [t for t in request.sampling.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"stop_token_ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})",
-                "stop_token_ids")
+        check_request(request, self.vocab_size, self.max_model_len, self.model.num_layers)
 
     @property
     def default_sampling(self) -> dict:
@@ -164,22 +140,20 @@ class EngineCore:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
                             ) -> list[int]:
-        """Render ``messages`` with the tokenizer's chat template (transformers) and tokenize.
+        """Render ``messages`` with the tokenizer's chat template and tokenize
+        (:func:`engine.processor.apply_chat_template`).
 
         Raises:
             InvalidRequestError: no chat template, or the template refused the messages.
         """
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError(
-                "this model has no chat template; use /v1/completions, or serve a checkpoint "
-                "whose tokenizer_config.json or chat_template.jinja defines one", "messages")
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception as exc:  # jinja2 TemplateError, raise_exception() in the template
-            raise InvalidRequestError(f"the chat template refused the messages: {exc}",
-                                      "messages") from exc
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return apply_chat_template(self.tokenizer, messages, add_generation_prompt)
+
+    def info(self) -> EngineInfo:
+        """What the API side needs to know of the served model (picklable, tokenizer included)."""
+        return EngineInfo(self.model_name, self.config.model, self.max_model_len, self.vocab_size,
+                          self.model.num_layers, self.default_sampling, self.tokenizer,
+                          max_token_chars(self.tokenizer), self.cache.nbytes,
+                          torch.get_num_threads() if self.model.device.type == "cpu" else None)
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request (validated with :meth:`validate_request`; raises its ``ValueError``)."""

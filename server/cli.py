@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from engine.config import EngineConfig
 
@@ -30,6 +31,9 @@ FLAGS = (
     ("max-num-batched-tokens", int, 2048, "prompt tokens prefilled per step"),
     ("max-model-len", int, None, "prompt + completion limit in tokens (default: the model's)"),
     ("seed", int, 0, "random seed"),
+    ("cpu-threads", int, None, "torch threads of the engine process on the CPU (default: the "
+     "usable cores less one, at least 1, leaving a core to the HTTP process)"),
+    ("max-request-body-bytes", int, 16 * 2**20, "larger request bodies get 413 unread (bytes)"),
     ("timeout-graceful-shutdown", float, 60.0, "seconds to let running requests finish after "
      "SIGTERM before closing them (match Kubernetes' terminationGracePeriodSeconds)"),
     ("log-level", str, "info", "debug, info, warning or error"),
@@ -84,28 +88,56 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def default_cpu_threads() -> int:
+    """The engine's torch threads when ``--cpu-threads`` is not given: the cores this process may
+    use less one (at least 1), so the HTTP process keeps a core of its own. On this project's
+    2-core machine one engine thread beat two through HTTP (``bench/serve.py --cpu-threads``,
+    README)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Load the model, build the app and serve it with uvicorn."""
-    import uvicorn
+    """Start the engine process, load the model, build the app and serve it.
 
-    from engine.client import AsyncEngine
-    from engine.loop import EngineCore
-    from engine.metrics import EngineMetrics
-    from server.app import build_app
-
+    Exits 0 after a clean shutdown, 1 when the engine process died, with one line and exit
+    status 1 when the model cannot be loaded.
+    """
     args = parse_args(argv)
     # OpenMP threads that spin while they wait make small CPU ops 5-40x slower as soon as another
-    # process wants the same cores; sleeping waiters cost little at decode sizes.
+    # process wants the same cores; sleeping waiters cost little at decode sizes. The engine
+    # process inherits this.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine.client import MPEngineClient
+    from engine.metrics import EngineMetrics
+    from server.app import build_app
+    from server.serving import DrainingServer
+
+    threads = args.cpu_threads or default_cpu_threads()
+    if threads < 1:
+        raise SystemExit(f"layerskip-serve: --cpu-threads must be at least 1, got {threads}")
+    engine = MPEngineClient(engine_config(args), threads, log_level=args.log_level)
     try:
-        core = EngineCore(engine_config(args))
-    except ValueError as exc:  # CheckpointError included: name what is wrong, no traceback
+        info = engine.load()
+    except (ValueError, RuntimeError) as exc:  # CheckpointError included: no traceback
         raise SystemExit(f"layerskip-serve: {exc}") from None
-    metrics = EngineMetrics(core.model_name)
-    app = build_app(AsyncEngine(core, metrics), metrics)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.timeout_graceful_shutdown)
+    logging.getLogger("layerskip-serve").info(
+        "serving %s (%s) from %s on %s: engine process %d, %s cpu threads, KV cache %.1f MiB, "
+        "max_model_len %d", info.model_name, args.dtype, info.model_path, args.device, engine.pid,
+        info.cpu_threads, info.num_kv_cache_bytes / 2**20, info.max_model_len)
+    engine.metrics = metrics = EngineMetrics(info.model_name)
+    app = build_app(engine, metrics, args.max_request_body_bytes)
+    server = DrainingServer(app, args.timeout_graceful_shutdown, host=args.host, port=args.port,
+                            log_level=args.log_level)
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    sys.exit(server.exit_code)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,16 @@ def _stops(stop) -> tuple[str, ...]:
     return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
 
 
+def _check_length(text: str, engine, param: str) -> None:
+    """A text too long to fit in ``max_model_len`` tokens whatever it holds is refused before
+    tokenizing it (which takes seconds for megabytes)."""
+    if len(text) > engine.max_prompt_chars:
+        raise APIError(400, f"This model's maximum context length is {engine.max_model_len} "
+                            f"tokens. However, your {param} has {len(text)} characters, more "
+                            f"than {engine.max_model_len} tokens of this tokenizer can hold "
+                            f"({engine.max_prompt_chars} characters).", param)
+
+
 def _check_text(text: str, param: str) -> None:
     try:
         text.encode("utf-8")
@@ -143,6 +153,7 @@ def _tokenize(prompt, engine) -> list[PromptInfo]:
     for p in prompt:
         if isinstance(p, str):
             _check_text(p, "prompt")
+            _check_length(p, engine, "prompt")
             out.append(PromptInfo(engine.tokenize(p), p))
         else:
             out.append(PromptInfo(list(p), None))
@@ -165,6 +176,7 @@ def chat_requests(body: ChatCompletionRequest, engine, response_id: str
             else "".join(part.text for part in m.content)
         _check_text(content or "", "messages")
         messages.append({"role": m.role, "content": content or ""})
+    _check_length("".join(m["content"] for m in messages), engine, "messages")
     try:
         ids = engine.apply_chat_template(messages, body.add_generation_prompt)
     except InvalidRequestError as exc:

@@ -14,6 +14,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine.client import EngineDeadError
 from engine.request import InvalidRequestError
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -30,8 +31,8 @@ def _engine(request: Request):
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    """200 while the engine thread runs, 503 otherwise."""
-    healthy = _engine(request).is_healthy
+    """200 while the engine runs and the server is not draining, 503 otherwise."""
+    healthy = _engine(request).is_healthy and not request.app.state.draining
     return JSONResponse({"status": "ok" if healthy else "unhealthy"}, 200 if healthy else 503)
 
 
@@ -55,7 +56,9 @@ async def create_completion(body: CompletionRequest, request: Request):
     """OpenAI ``POST /v1/completions``: choices indexed prompt-major (``P × n``)."""
     engine = _engine(request)
     response_id = f"cmpl-{uuid.uuid4().hex}"
-    requests, prompts = completion_requests(body, engine, response_id)
+    _check_accepting(request)
+    # Tokenizing a long prompt takes a while: never on the event loop.
+    requests, prompts = await asyncio.to_thread(completion_requests, body, engine, response_id)
     formatter = CompletionFormatter(response_id, engine.model_name, prompts, body.n, body.echo,
                                     engine.decode, int(time.time()))
     return await _respond(request, engine, body, requests, formatter)
@@ -66,9 +69,16 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """OpenAI ``POST /v1/chat/completions``, through the checkpoint's chat template."""
     engine = _engine(request)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    requests, _ = chat_requests(body, engine, response_id)
+    _check_accepting(request)
+    requests, _ = await asyncio.to_thread(chat_requests, body, engine, response_id)
     formatter = ChatFormatter(response_id, engine.model_name, body.n, int(time.time()))
     return await _respond(request, engine, body, requests, formatter)
+
+
+def _check_accepting(request: Request) -> None:
+    """503 while the server drains for shutdown (new work would only be cut off)."""
+    if request.app.state.draining:
+        raise APIError(503, "the server is shutting down", type="server_error")
 
 
 async def _respond(request: Request, engine, body, requests, formatter):
@@ -119,8 +129,10 @@ async def _collect(stream) -> list:
             outs.append(out)
     except InvalidRequestError as exc:  # refused by the engine's own validation
         raise APIError(400, str(exc), exc.param) from exc
-    except RuntimeError as exc:  # the engine stopped, or a step failed after finishing this one
-        raise APIError(503 if "not running" in str(exc) else 500, str(exc), type="server_error") from exc
+    except EngineDeadError as exc:  # the engine stopped, died, or the server is shutting down
+        raise APIError(503, str(exc), type="server_error") from exc
+    except RuntimeError as exc:  # a step failed after finishing this one
+        raise APIError(500, str(exc), type="server_error") from exc
     if outs[-1].error:
         raise APIError(500, outs[-1].error, type="server_error")
     return outs

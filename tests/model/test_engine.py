@@ -101,21 +101,21 @@ def test_a_failing_step_errors_its_requests_and_the_engine_keeps_serving(cores, 
 
 
 def test_a_broken_inbox_fails_live_requests_instead_of_spinning(bundled_model, make_core, monkeypatch):
-    """An error outside a step (here: while reading the inbox) errors the callers, frees the
-    live sequences, and the engine serves the next request."""
+    """An error outside a step's own guard (here: in the loop's step bookkeeping) errors the
+    callers, frees the live sequences, and the engine serves the next request."""
     core = make_core(model=bundled_model, num_speculations=2)
     prompt = tuple(core.tokenizer.encode(PROMPT))
     engine = AsyncEngine(core)
-    real_drain = engine._drain_inbox
+    real_step = engine._engine.step
     calls = {"n": 0}
 
-    def flaky(block):
-        real_drain(block)
+    def flaky():
         calls["n"] += 1
-        if calls["n"] == 2:  # the request has been added; now the loop itself fails
+        if calls["n"] == 2:  # the request has been added and prefilled; now the loop fails
             raise RuntimeError("inbox fault")
+        return real_step()
 
-    monkeypatch.setattr(engine, "_drain_inbox", flaky)
+    monkeypatch.setattr(engine._engine, "step", flaky)
 
     async def scenario():
         engine.start()

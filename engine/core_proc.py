@@ -1,0 +1,196 @@
+"""The engine core's own process, as in vLLM v1 (``EngineCoreProc``): model, scheduler, step loop.
+
+The API process (``engine.client.MPEngineClient``) starts :func:`run_engine_core` with the
+``spawn`` method and talks to it over one duplex ``multiprocessing`` pipe of pickled tuples:
+
+- API → engine: ``("add", EngineRequest)``, ``("abort", request_id)``, ``("stop", None)``.
+- engine → API: first ``("ready", EngineInfo)`` or ``("failed", message)``; then one
+  ``("step", deliveries, [StepStats, ...])`` message per step (or per inbox batch that finished
+  something), where ``deliveries`` is a list of ``(request_id, RequestOutput | WireError)``: every
+  output of the step in one message, never one message per request per token.
+
+The engine process never waits for the API process's GIL: it blocks on the pipe only while it has
+no work, and otherwise polls it (a few microseconds) once per step. It dies with its parent: the
+kernel sends it SIGKILL when the parent goes (``PR_SET_PDEATHSIG`` on Linux), and an end-of-file on
+the pipe ends its loop. It ignores SIGINT and SIGTERM (a terminal's Ctrl-C, ``timeout`` or systemd
+signal the whole process group; the API process drains first, then tells the engine to stop).
+
+:class:`EngineLoop` holds the bookkeeping both transports share (the in-process thread of
+``engine.client.AsyncEngine`` uses it too): which requests were added and not yet finished, and
+what to tell them when a step fails.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WireError:
+    """An exception that ends one request, in a form that pickles: ``kind`` is ``invalid`` (an
+    ``InvalidRequestError``, ``param`` naming the field) or ``error`` (anything else)."""
+
+    kind: str
+    message: str
+    param: str | None = None
+
+    @staticmethod
+    def of(exc: Exception) -> "WireError":
+        """The wire form of ``exc``."""
+        from engine.request import InvalidRequestError
+
+        if isinstance(exc, InvalidRequestError):
+            return WireError("invalid", str(exc), exc.param)
+        return WireError("error", str(exc))
+
+    def to_exception(self) -> Exception:
+        """The exception the API side raises to the request's caller."""
+        from engine.request import InvalidRequestError
+
+        if self.kind == "invalid":
+            return InvalidRequestError(self.message, self.param or "prompt")
+        return RuntimeError(self.message)
+
+
+class EngineLoop:
+    """One engine core driven by messages: add, abort, step (transport-independent).
+
+    Each method returns the ``(request_id, RequestOutput | WireError)`` deliveries it produced;
+    the caller sends them on. An exception inside a step finishes every live request with
+    ``error`` (and tells the requests the failed step had already finished) and the loop goes on
+    serving: a bug in one step never takes the engine down.
+    """
+
+    def __init__(self, core):
+        self.core = core
+        self.added: set[str] = set()  # in the core and not yet finished
+
+    def add(self, request) -> list:
+        """Queue ``request`` (an ``EngineRequest``); a refusal is delivered as a ``WireError``."""
+        try:
+            self.core.add_request(request)
+        except Exception as exc:  # InvalidRequestError, or anything unexpected
+            return [(request.request_id, WireError.of(exc))]
+        self.added.add(request.request_id)
+        return []
+
+    def abort(self, request_id: str):
+        """Abort a live request (its caller has gone); returns the queue stats when it was live."""
+        self.added.discard(request_id)
+        if self.core.abort_request(request_id) is not None:
+            return self.core.queue_stats()
+        return None
+
+    def step(self):
+        """Run one step; returns ``(deliveries, stats)``."""
+        try:
+            outputs, stats = self.core.step()
+        except Exception as exc:  # a bug or a device error: fail the live requests, go on
+            logger.exception("engine step failed")
+            message = f"internal engine error: {exc}"
+            # Requests the failed step had already finished lost their last output with it.
+            orphans = [r for r in self.added if not self.core.is_live(r)]
+            outputs, stats = self.core.fail_all(message), self.core.queue_stats()
+            deliveries = [(r, WireError("error", message)) for r in orphans]
+        else:
+            deliveries = []
+        deliveries.extend((out.request_id, out) for out in outputs)
+        for request_id, item in deliveries:
+            if isinstance(item, WireError) or item.finished:
+                self.added.discard(request_id)
+        return deliveries, stats
+
+    def fail_everything(self, message: str) -> list:
+        """Last resort after an error outside a step: finish every live sequence (so the loop
+        cannot spin on them) and tell every added request."""
+        try:
+            self.core.fail_all(message)
+        except Exception:  # the core itself is broken; the callers still get their error below
+            logger.exception("could not fail the live requests")
+        deliveries = [(r, WireError("error", message)) for r in self.added]
+        self.added.clear()
+        return deliveries
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (no orphan engine, ever)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def set_cpu_threads(num_threads: int) -> None:
+    """Set torch's intra-op threads (and OpenMP's) for this process; call before torch is used."""
+    os.environ["OMP_NUM_THREADS"] = str(num_threads)
+    import torch
+
+    torch.set_num_threads(num_threads)
+
+
+def run_engine_core(config: EngineConfig, conn, cpu_threads: int, log_level: str = "INFO") -> None:
+    """The engine process's main: load the model, then serve the pipe until told to stop.
+
+    Args:
+        config: what to load and how to run it.
+        conn: this process's end of the duplex pipe (see the module docstring).
+        cpu_threads: torch intra-op threads for this process.
+        log_level: the logging level name.
+    """
+    _die_with_parent()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the API process decides when the engine stops
+        signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    set_cpu_threads(cpu_threads)
+    from engine.loop import EngineCore
+
+    try:
+        core = EngineCore(config)
+    except Exception as exc:  # CheckpointError, ValueError, a device error: the API names it
+        conn.send(("failed", str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"))
+        return
+    if os.getppid() != parent:  # the parent died while the model loaded
+        return
+    conn.send(("ready", core.info()))
+    try:
+        _serve(EngineLoop(core), conn)
+    except (EOFError, OSError, BrokenPipeError):  # the API process is gone: nobody to serve
+        pass
+
+
+def _serve(loop: EngineLoop, conn) -> None:
+    core = loop.core
+    while True:
+        deliveries, stats = [], []
+        block = not core.has_work()
+        while block or conn.poll():
+            kind, payload = conn.recv()
+            block = False
+            if kind == "stop":
+                return
+            if kind == "add":
+                deliveries += loop.add(payload)
+            elif kind == "abort" and (aborted := loop.abort(payload)) is not None:
+                stats.append(aborted)
+        if core.has_work():
+            try:
+                step_deliveries, step_stats = loop.step()
+                stats.append(step_stats)
+            except Exception as exc:  # never let the loop die with requests waiting on it
+                logger.exception("engine loop error")
+                step_deliveries = loop.fail_everything(f"internal engine error: {exc}")
+            deliveries += step_deliveries
+        if deliveries or stats:
+            conn.send(("step", deliveries, stats))
