@@ -57,8 +57,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     engine = _engine(request)
     response_id = f"cmpl-{uuid.uuid4().hex}"
     _check_accepting(request)
-    # Tokenizing a long prompt takes a while: never on the event loop.
-    requests, prompts = await asyncio.to_thread(completion_requests, body, engine, response_id)
+    requests, prompts = await _off_loop_if_long(body.prompt, completion_requests, body, engine,
+                                                response_id)
     formatter = CompletionFormatter(response_id, engine.model_name, prompts, body.n, body.echo,
                                     engine.decode, int(time.time()))
     return await _respond(request, engine, body, requests, formatter)
@@ -70,9 +70,33 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine = _engine(request)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     _check_accepting(request)
-    requests, _ = await asyncio.to_thread(chat_requests, body, engine, response_id)
+    requests, _ = await _off_loop_if_long(body.messages, chat_requests, body, engine, response_id)
     formatter = ChatFormatter(response_id, engine.model_name, body.n, int(time.time()))
     return await _respond(request, engine, body, requests, formatter)
+
+
+INLINE_TEXT_CHARS = 8192
+"""Prompts with less text than this are tokenized on the event loop (tens of microseconds, less
+than a hop to a worker thread and back); longer ones in a worker thread."""
+
+
+async def _off_loop_if_long(prompt, build, *args):
+    """``build(*args)``, in a worker thread when ``prompt`` holds much text to tokenize."""
+    if _text_chars(prompt) < INLINE_TEXT_CHARS:
+        return build(*args)
+    return await asyncio.to_thread(build, *args)
+
+
+def _text_chars(prompt) -> int:
+    """Characters of text in a prompt field or a message list (token ids count nothing)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list):
+        return sum(_text_chars(p) for p in prompt)
+    content = getattr(prompt, "content", None)  # a chat message
+    if content is not None:
+        return _text_chars(content)
+    return len(getattr(prompt, "text", "") or "")  # a text part
 
 
 def _check_accepting(request: Request) -> None:
