@@ -1,12 +1,24 @@
-"""An ASGI middleware that refuses request bodies over a size limit with 413, without reading them.
+"""ASGI middleware that keeps huge bodies off the event loop: a size limit and a prompt pre-check.
 
-A declared ``Content-Length`` over the limit is answered before any of the body is read; a
-chunked body is counted as it arrives and refused the moment it passes the limit.
+- A body over ``max_bytes`` gets 413: a declared ``Content-Length`` before any of the body is
+  read, a chunked body the moment it passes the limit.
+- A completions or chat body over :data:`LARGE_BODY_BYTES` is parsed in a worker thread first
+  (``json.loads`` of 10 MB holds the event loop for ~100 ms, which would stall ``/health``); a
+  prompt whose text cannot fit in ``max_model_len`` tokens is answered 400 from there, anything
+  else goes on to the app unchanged.
 """
 
 from __future__ import annotations
 
-from server.errors import ErrorJSONResponse, error_body
+import asyncio
+import json
+
+from server.errors import APIError, ErrorJSONResponse, error_body
+
+LARGE_BODY_BYTES = 1 << 20
+"""Bodies of generation routes larger than this are pre-checked off the event loop (bytes)."""
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 class BodyTooLarge(Exception):
@@ -14,7 +26,8 @@ class BodyTooLarge(Exception):
 
 
 class BodySizeLimit:
-    """Answer 413 (OpenAI error shape) for bodies over ``max_bytes`` (bytes)."""
+    """Answer 413 (OpenAI error shape) for bodies over ``max_bytes`` (bytes), and pre-check large
+    generation bodies in a worker thread (see the module docstring)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -23,8 +36,11 @@ class BodySizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        size = int(declared) if declared is not None and declared.isdigit() else None
+        if size is not None and size > self.max_bytes:
             return await self._refuse(scope, receive, send)
+        if size is not None and size > LARGE_BODY_BYTES and scope["path"] in GENERATION_PATHS:
+            return await self._precheck(scope, receive, send)
         seen = 0
         started = False
 
@@ -48,9 +64,63 @@ class BodySizeLimit:
             if not started:
                 await self._refuse(scope, receive, send)
 
+    async def _precheck(self, scope, receive, send):
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        engine = scope["app"].state.engine
+        try:
+            await asyncio.to_thread(_check_prompt_text, body, scope["path"], engine)
+        except APIError as exc:
+            response = ErrorJSONResponse(error_body(exc.message, exc.type, exc.param), exc.status)
+            return await response(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
     async def _refuse(self, scope, receive, send):
         response = ErrorJSONResponse(
             error_body(f"the request body is larger than {self.max_bytes} bytes "
                        "(--max-request-body-bytes)", "invalid_request_error", code=413), 413,
             headers={"Connection": "close"})
         await response(scope, receive, send)
+
+
+def _check_prompt_text(body: bytes, path: str, engine) -> None:
+    """Raise the 400 of ``server.requests.check_text_length`` for a body whose prompt text
+    cannot fit; anything unparsable is left for the app to refuse in its own words."""
+    from server.requests import check_text_length
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return
+    if not isinstance(data, dict):
+        return
+    if path == "/v1/completions":
+        check_text_length(_chars(data.get("prompt")), engine, "prompt")
+    else:
+        check_text_length(_chars(data.get("messages")), engine, "messages")
+
+
+def _chars(value) -> int:
+    """Characters of text anywhere in a prompt or message list (token ids count nothing)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    if isinstance(value, dict):
+        return _chars(value.get("content")) + _chars(value.get("text"))
+    return 0

@@ -51,9 +51,18 @@ def _stops(stop) -> tuple[str, ...]:
 def _check_length(text: str, engine, param: str) -> None:
     """A text too long to fit in ``max_model_len`` tokens whatever it holds is refused before
     tokenizing it (which takes seconds for megabytes)."""
-    if len(text) > engine.max_prompt_chars:
+    check_text_length(len(text), engine, param)
+
+
+def check_text_length(chars: int, engine, param: str) -> None:
+    """Refuse ``chars`` characters of prompt text that cannot fit in ``max_model_len`` tokens.
+
+    Raises:
+        APIError: 400 naming ``param``, when ``chars`` exceeds ``engine.max_prompt_chars``.
+    """
+    if chars > engine.max_prompt_chars:
         raise APIError(400, f"This model's maximum context length is {engine.max_model_len} "
-                            f"tokens. However, your {param} has {len(text)} characters, more "
+                            f"tokens. However, your {param} has {chars} characters, more "
                             f"than {engine.max_model_len} tokens of this tokenizer can hold "
                             f"({engine.max_prompt_chars} characters).", param)
 

@@ -24,6 +24,10 @@ BACKSTOP_SECONDS = 5.0
 """uvicorn's own cut-off comes this long after ours, so the error events have time to go out."""
 
 
+DEATH_LINGER_SECONDS = 1.0
+"""After the engine died, the server answers 503 this long before it exits (seconds)."""
+
+
 class DrainingServer(uvicorn.Server):
     """A ``uvicorn.Server`` for an app from ``server.app.build_app``.
 
@@ -72,5 +76,8 @@ class DrainingServer(uvicorn.Server):
             logger.warning("grace time over: ended %d running requests with an error", n)
 
     def _on_engine_death(self) -> None:
+        # The in-flight requests already have their errors; /health answers 503 for a moment
+        # (so a probe sees why) before the server stops.
         self.exit_code = 1
-        self._begin_drain()
+        self.app.state.draining = True
+        asyncio.get_running_loop().call_later(DEATH_LINGER_SECONDS, self._begin_drain)

@@ -110,7 +110,16 @@ def serve(log: Path, *args: str, env: dict | None = None, timeout_s: float = 120
     """``layerskip-serve *args`` (this interpreter's console script) on a free loopback port,
     logging to ``log`` (a pipe nobody reads would block the server once full of access-log
     lines); yields its base URL once ``/health`` answers 200, and stops it afterwards."""
+    with serve_process(log, *args, env=env, timeout_s=timeout_s) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def serve_process(log: Path, *args: str, env: dict | None = None, timeout_s: float = 120):
+    """:func:`serve`, yielding ``(url, proc)``; afterwards it checks that the server and its
+    engine process are both gone (no orphan process, ever)."""
     import httpx
+    import psutil
 
     beside = Path(sys.executable).with_name("layerskip-serve")  # this interpreter's, venv or not
     command = str(beside) if beside.exists() else shutil.which("layerskip-serve")
@@ -121,6 +130,7 @@ def serve(log: Path, *args: str, env: dict | None = None, timeout_s: float = 120
                                                        "LAYERSKIP_PORT": str(port)},
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    children = []
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -134,10 +144,16 @@ def serve(log: Path, *args: str, env: dict | None = None, timeout_s: float = 120
             if time.monotonic() > deadline:
                 raise RuntimeError(f"layerskip-serve did not become healthy in {timeout_s:.0f} s")
             time.sleep(0.3)
-        yield url
+        children = psutil.Process(proc.pid).children(recursive=True)
+        yield url, proc
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         try:
-            proc.wait(20)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        _gone, alive = psutil.wait_procs(children, timeout=10)
+        for child in alive:
+            child.kill()
+        assert not alive, f"processes left behind by layerskip-serve: {[c.pid for c in alive]}"
