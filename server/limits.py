@@ -41,6 +41,8 @@ class BodySizeLimit:
             return await self._refuse(scope, receive, send)
         if size is not None and size > LARGE_BODY_BYTES and scope["path"] in GENERATION_PATHS:
             return await self._precheck(scope, receive, send)
+        if size is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            return await self._buffer_chunked(scope, receive, send)
         seen = 0
         started = False
 
@@ -80,6 +82,30 @@ class BodySizeLimit:
             response = ErrorJSONResponse(error_body(exc.message, exc.type, exc.param), exc.status)
             return await response(scope, receive, send)
         replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _buffer_chunked(self, scope, receive, send):
+        """A body without ``Content-Length``: read it here, counted, 413 past the limit (the app's
+        body parser would turn an error inside ``receive`` into a 400)."""
+        chunks, seen, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
 
         async def replay():
             nonlocal replayed

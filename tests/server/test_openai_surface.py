@@ -335,7 +335,13 @@ def test_streamed_logprobs_with_echo_and_n_equal_the_whole(oai):
         assert got[c.index]["text"] == c.text
         assert c.text.startswith(PROMPT if c.index < 2 else "import")
         for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-            assert got[c.index][key] == getattr(c.logprobs, key), (c.index, key)
+            want = getattr(c.logprobs, key)
+            if key == "token_logprobs":  # fp32 rounding differs with the batch a step ran in
+                want = [w if w is None else pytest.approx(w, abs=1e-4) for w in want]
+            elif key == "top_logprobs":
+                want = [w if w is None else {t: pytest.approx(v, abs=1e-4) for t, v in w.items()}
+                        for w in want]
+            assert got[c.index][key] == want, (c.index, key)
 
 
 @pytest.mark.parametrize("prompt,kw", [
