@@ -3,15 +3,18 @@
 - A body over ``max_bytes`` gets 413: a declared ``Content-Length`` before any of the body is
   read, a chunked body the moment it passes the limit.
 - A completions or chat body over :data:`LARGE_BODY_BYTES` is parsed in a worker thread first
-  (``json.loads`` of 10 MB holds the event loop for ~100 ms, which would stall ``/health``); a
-  prompt whose text cannot fit in ``max_model_len`` tokens is answered 400 from there, anything
-  else goes on to the app unchanged.
+  (``json.loads`` of 10 MB holds the event loop for ~100 ms, which would stall ``/health``; even
+  in a thread it holds the GIL that long, so the parse is orjson's, ~4x faster); a prompt whose
+  text cannot fit in ``max_model_len`` tokens is answered 400 from there, anything else goes on
+  to the app unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+
+import orjson
 
 from server.errors import APIError, ErrorJSONResponse, error_body
 
@@ -130,9 +133,12 @@ def _check_prompt_text(body: bytes, path: str, engine) -> None:
     from server.requests import check_text_length
 
     try:
-        data = json.loads(body)
-    except ValueError:
-        return
+        data = orjson.loads(body)  # holds the GIL ~20 ms for 10 MB, json.loads ~80 ms
+    except orjson.JSONDecodeError:
+        try:  # orjson is stricter (lone surrogates, for one): the app decides on those
+            data = json.loads(body)
+        except ValueError:
+            return
     if not isinstance(data, dict):
         return
     if path == "/v1/completions":
