@@ -226,26 +226,34 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def summarize(runs: list[Run]) -> list[dict]:
-    """Medians over repeats per (set, mode, concurrency, target), with the HTTP/engine ratio."""
+    """Medians over repeats per (set, mode, concurrency, target), with the ratios.
+
+    ``vs_engine`` and ``spec_vs_plain`` are medians of *paired* ratios: each run divided by its
+    counterpart from the same repeat (the engine run just before it, or the plain run of the same
+    target), so that the machine's slow drifts between repeats cancel out of the ratio.
+    """
     keys = sorted({(r.prompt_set, r.mode, r.concurrency, r.target) for r in runs})
+    groups = {key: [r for r in runs if (r.prompt_set, r.mode, r.concurrency, r.target) == key]
+              for key in keys}  # each group in repeat order
     rows = []
-    for key in keys:
-        group = [r for r in runs if (r.prompt_set, r.mode, r.concurrency, r.target) == key]
+    for key, group in groups.items():
         ttft = [x for r in group for x in r.ttft]
         itl = [x for r in group for x in r.itl]
+        engine = groups[(key[0], key[1], key[2], "engine")]
+        plain = groups[(key[0], "plain", key[2], key[3])]
         rows.append({"prompt_set": key[0], "mode": key[1], "concurrency": key[2], "target": key[3],
                      "tokens_per_second": statistics.median(r.tokens_per_second for r in group),
                      "runs_tokens_per_second": [round(r.tokens_per_second, 1) for r in group],
+                     "vs_engine": _paired(group, engine), "spec_vs_plain": _paired(group, plain),
                      "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
                      "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99)})
-    engine = {(r["prompt_set"], r["mode"], r["concurrency"]): r["tokens_per_second"]
-              for r in rows if r["target"] == "engine"}
-    plain = {(r["prompt_set"], r["concurrency"], r["target"]): r["tokens_per_second"]
-             for r in rows if r["mode"] == "plain"}
-    for r in rows:
-        r["vs_engine"] = r["tokens_per_second"] / engine[(r["prompt_set"], r["mode"], r["concurrency"])]
-        r["spec_vs_plain"] = r["tokens_per_second"] / plain[(r["prompt_set"], r["concurrency"], r["target"])]
     return rows
+
+
+def _paired(runs: list[Run], baseline: list[Run]) -> float:
+    """The median over repeats of ``runs[i]``'s tokens/s over ``baseline[i]``'s."""
+    return statistics.median(r.tokens_per_second / b.tokens_per_second
+                             for r, b in zip(runs, baseline, strict=True))
 
 
 def report(rows: list[dict], header: str) -> str:
@@ -351,7 +359,8 @@ def main(argv=None) -> None:
         proc.wait(60)
     rows = summarize(runs)
     header = (f"bundled model, {args.prompt_len}-token prompts, {args.max_tokens} new tokens, greedy, "
-              f"EOS ignored; engine threads {threads}; medians of {args.repeats} interleaved runs\n"
+              f"EOS ignored; engine threads {threads}; medians of {args.repeats} interleaved runs (ratios: "
+              f"medians of the paired per-repeat ratios)\n"
               f"HTTP texts differing from the engine's: {mismatches}")
     text = report(rows, header)
     print(text)
