@@ -101,9 +101,10 @@ def check_request(request: EngineRequest, vocab_size: int, max_model_len: int,
             "stop_token_ids")
 
 
-def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True
-                        ) -> list[int]:
-    """Render ``messages`` with the tokenizer's chat template (transformers) and tokenize.
+def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                        add_special_tokens: bool = False) -> list[int]:
+    """Render ``messages`` with the tokenizer's chat template (transformers) and tokenize
+    (``add_special_tokens``: the tokenizer's own, such as a BOS, on top of the template's).
 
     Raises:
         InvalidRequestError: no chat template, or the template refused the messages.
@@ -118,4 +119,4 @@ def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: 
     except Exception as exc:  # jinja2 TemplateError, raise_exception() in the template
         raise InvalidRequestError(f"the chat template refused the messages: {exc}",
                                   "messages") from exc
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
