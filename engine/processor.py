@@ -31,6 +31,9 @@ class EngineInfo:
             before it is tokenized.
         num_kv_cache_bytes: the KV cache's size (bytes).
         cpu_threads: torch intra-op threads of the engine (None when the caller did not set them).
+        device: the device the weights are on (``cpu``, ``cuda:0``).
+        dtype: the weights' and KV cache's dtype (``float32``, ``bfloat16``).
+        exit_layer: the engine's default exit layer ``E``.
     """
 
     model_name: str
@@ -43,6 +46,9 @@ class EngineInfo:
     max_token_chars: int = 1
     num_kv_cache_bytes: int = 0
     cpu_threads: int | None = None
+    device: str = ""
+    dtype: str = ""
+    exit_layer: int = 0
 
 
 def max_token_chars(tokenizer) -> int:
