@@ -47,10 +47,16 @@ def _errors(*statuses: int) -> dict:
 
 
 def _stream_or_json(model) -> dict:
-    """A 200 that is JSON (``model``), or server-sent events when the body asks to stream."""
+    """A 200 that is JSON (``model``), or server-sent events when the body asks to stream. The
+    event-stream schema describes one event, as OpenAPI 3.2 reads a ``schema`` without
+    ``itemSchema`` (and schemathesis checks it so)."""
+    event = {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": f"one chunk as JSON (a {model.__name__} whose choices "
+        "carry deltas), an {\"error\": ...} object if the request fails midway, or [DONE] "
+        "last"}}}
     return {200: {"model": model, "description": "the whole response as JSON, or with "
                   "\"stream\": true a text/event-stream of chunks ending in data: [DONE]",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                  "content": {"text/event-stream": {"schema": event}}}}
 
 
 def _engine(request: Request):
