@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     """Start the engine process, load the model, build the app and serve it.
 
     Exits 0 after a clean shutdown, 1 when the engine process died, with one line and exit
-    status 1 when the model cannot be loaded.
+    status 1 when the model cannot be loaded, and with one line and exit status 2 for a bad
+    flag or ``LAYERSKIP_*`` value.
     """
     args = parse_args(argv)
     # OpenMP threads that spin while they wait make small CPU ops 5-40x slower as soon as another
@@ -219,9 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     from server.app import build_app
     from server.serving import DrainingServer
 
-    threads = args.cpu_threads or default_cpu_threads()
+    threads = default_cpu_threads() if args.cpu_threads is None else args.cpu_threads
     if threads < 1:
-        raise SystemExit(f"layerskip-serve: --cpu-threads must be at least 1, got {threads}")
+        print(f"layerskip-serve: error: --cpu-threads must be at least 1, got {threads}",
+              file=sys.stderr)
+        sys.exit(2)
     engine = MPEngineClient(engine_config(args), threads, log_level=args.log_level)
     try:
         info = engine.load()
