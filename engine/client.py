@@ -67,24 +67,38 @@ class _EngineClient:
         """Longer texts cannot fit in ``max_model_len`` tokens (characters); refuse them untokenized."""
         return self.info.max_model_len * self.info.max_token_chars
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of ``text`` (the checkpoint's tokenizer, its special tokens added)."""
-        return self.info.tokenizer.encode(text)
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` (the checkpoint's tokenizer; its special tokens, such as BOS,
+        added unless ``add_special_tokens`` is false)."""
+        return self.info.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def decode(self, token_ids: list[int]) -> str:
-        """The text of ``token_ids`` (special tokens skipped)."""
-        return self.info.tokenizer.decode(token_ids, skip_special_tokens=True,
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """The text of ``token_ids`` (special tokens skipped unless ``skip_special_tokens`` is
+        false)."""
+        return self.info.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens,
                                           clean_up_tokenization_spaces=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
-                            ) -> list[int]:
-        """The prompt tokens of a conversation, through the checkpoint's chat template.
+    def token_strs(self, token_ids: list[int]) -> list[str]:
+        """Each token's vocabulary entry (``convert_ids_to_tokens``; byte-level BPE spells a space
+        ``Ġ``)."""
+        return [str(t) for t in self.info.tokenizer.convert_ids_to_tokens(token_ids)]
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding table (token ids must be below it)."""
+        return self.info.vocab_size
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            add_special_tokens: bool = False) -> list[int]:
+        """The prompt tokens of a conversation, through the checkpoint's chat template (the
+        template writes the special tokens; ``add_special_tokens`` adds the tokenizer's too).
 
         Raises:
             engine.request.InvalidRequestError: the checkpoint has no chat template, or the
                 template refuses the messages (``param`` is ``messages``).
         """
-        return apply_chat_template(self.info.tokenizer, messages, add_generation_prompt)
+        return apply_chat_template(self.info.tokenizer, messages, add_generation_prompt,
+                                   add_special_tokens)
 
     @property
     def default_sampling(self) -> dict:

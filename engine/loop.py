@@ -84,6 +84,12 @@ class EngineCore:
         gen_cfg, L = ck.generation_config, self.model.num_layers
         self.generation_config = gen_cfg
         self.exit_layer = _pick(config.exit_layer, gen_cfg.get("assistant_early_exit"), max(1, L // 4))
+        if config.exit_layer is None and gen_cfg.get("assistant_early_exit") is None:
+            logger.warning(
+                "%s: its generation_config.json has no assistant_early_exit, so the exit layer "
+                "falls back to L/4 = %d of %d layers; pass --exit-layer to choose one (a "
+                "checkpoint not trained for early exits drafts poorly at any layer)",
+                config.model, self.exit_layer, L)
         self.num_speculations = _pick(config.num_speculations, gen_cfg.get("num_assistant_tokens"),
                                       DEFAULT_NUM_SPECULATIONS)
         if not 1 <= self.exit_layer <= L:
@@ -153,7 +159,9 @@ class EngineCore:
         return EngineInfo(self.model_name, self.config.model, self.max_model_len, self.vocab_size,
                           self.model.num_layers, self.default_sampling, self.tokenizer,
                           max_token_chars(self.tokenizer), self.cache.nbytes,
-                          torch.get_num_threads() if self.model.device.type == "cpu" else None)
+                          torch.get_num_threads() if self.model.device.type == "cpu" else None,
+                          str(self.model.device), str(self.model.dtype).removeprefix("torch."),
+                          self.exit_layer)
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request (validated with :meth:`validate_request`; raises its ``ValueError``)."""

@@ -31,6 +31,9 @@ class EngineInfo:
             before it is tokenized.
         num_kv_cache_bytes: the KV cache's size (bytes).
         cpu_threads: torch intra-op threads of the engine (None when the caller did not set them).
+        device: the device the weights are on (``cpu``, ``cuda:0``).
+        dtype: the weights' and KV cache's dtype (``float32``, ``bfloat16``).
+        exit_layer: the engine's default exit layer ``E``.
     """
 
     model_name: str
@@ -43,6 +46,9 @@ class EngineInfo:
     max_token_chars: int = 1
     num_kv_cache_bytes: int = 0
     cpu_threads: int | None = None
+    device: str = ""
+    dtype: str = ""
+    exit_layer: int = 0
 
 
 def max_token_chars(tokenizer) -> int:
@@ -101,9 +107,10 @@ def check_request(request: EngineRequest, vocab_size: int, max_model_len: int,
             "stop_token_ids")
 
 
-def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True
-                        ) -> list[int]:
-    """Render ``messages`` with the tokenizer's chat template (transformers) and tokenize.
+def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                        add_special_tokens: bool = False) -> list[int]:
+    """Render ``messages`` with the tokenizer's chat template (transformers) and tokenize
+    (``add_special_tokens``: the tokenizer's own, such as a BOS, on top of the template's).
 
     Raises:
         InvalidRequestError: no chat template, or the template refused the messages.
@@ -118,4 +125,4 @@ def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: 
     except Exception as exc:  # jinja2 TemplateError, raise_exception() in the template
         raise InvalidRequestError(f"the chat template refused the messages: {exc}",
                                   "messages") from exc
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,8 +85,19 @@ def _weight_files(folder: Path) -> list[Path]:
     return [single]
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""A Hugging Face Hub repository id (``owner/name``): nothing is downloaded, so name the step."""
+
+
 def _check_folder(folder: Path) -> None:
+    if folder.is_file():
+        raise CheckpointError(f"{folder} is a file, not a checkpoint folder (nor a .gguf file): "
+                              f"pass the folder that holds it, {folder.resolve().parent}")
     if not folder.is_dir():
+        if HUB_ID.fullmatch(str(folder)):
+            raise CheckpointError(
+                f"{folder} is not a local folder: download it first (for example `hf download "
+                f"{folder} --local-dir DIR`) and pass DIR")
         raise CheckpointError(f"model folder {folder} does not exist")
     for name in ("config.json", "tokenizer_config.json"):
         if not (folder / name).exists():

@@ -15,28 +15,80 @@ import sys
 
 from engine.config import EngineConfig
 
+DESCRIPTION = """\
+An OpenAI-compatible inference server (completions, chat, and vLLM's extras) that decodes with
+batched LayerSkip self-speculation: the model's first exit-layer layers draft tokens and the rest
+verify them, so greedy output equals plain decoding token for token and sampling stays lossless.
+It serves one local checkpoint (a Hugging Face Llama-family folder, or a .gguf file) on
+/v1/completions, /v1/chat/completions, /v1/models, /tokenize and /detokenize, with /health and
+Prometheus /metrics. Every flag also reads LAYERSKIP_<FLAG> from the environment (an empty
+variable counts as unset); a flag on the command line wins."""
+
+EPILOG = """\
+examples:
+  layerskip-serve                                    # the bundled model on 127.0.0.1:8000
+  hf download facebook/layerskip-llama3.2-1B --local-dir ckpt
+  layerskip-serve --model ckpt --device cuda --exit-layer 4 --num-speculations 4
+  LAYERSKIP_API_KEY=k1,k2 layerskip-serve --host 0.0.0.0   # /v1/* needs "Bearer k1" or "Bearer k2"
+"""
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    value = text.strip().lower()
+    head, _, index = value.partition(":")
+    if value == "cpu" or (head == "cuda" and (not index or index.isdigit())):
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda or cuda:N)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported on one line (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 FLAGS = (
-    # name, type, default, help
-    ("model", str, None, "checkpoint folder or .gguf file (default: the bundled layerskip-stdlib model)"),
-    ("served-model-name", str, None, "the model name the API answers to (default: folder name)"),
-    ("host", str, "127.0.0.1", "address to bind"),
+    # name, type, default, help[, choices]
+    ("model", str, None, "local checkpoint folder (Hugging Face layout: config.json, "
+     "model.safetensors, tokenizer) or .gguf file (default: the bundled layerskip-stdlib model)"),
+    ("served-model-name", str, None, "the model name the API answers to (default: the folder's "
+     "name)"),
+    ("host", str, "127.0.0.1", "address to bind (0.0.0.0 for every interface: set --api-key)"),
     ("port", int, 8000, "port to bind"),
-    ("exit-layer", int, None, "LayerSkip exit layer E (default: the checkpoint's)"),
-    ("num-speculations", int, None, "most draft tokens per round; 0 turns speculation off"),
+    ("api-key", "keys", None, "require 'Authorization: Bearer <key>' on /v1/* and the tokenizer "
+     "endpoints; repeat the flag (or comma-separate LAYERSKIP_API_KEY) for several keys "
+     "(default: no authentication)"),
+    ("protect-metrics", "bool", False, "with --api-key, /metrics needs a key too (/health "
+     "always stays open for probes)"),
+    ("exit-layer", int, None, "LayerSkip exit layer E: the draft runs layers [0, E) (default: the "
+     "checkpoint's assistant_early_exit, else a quarter of its layers)"),
+    ("num-speculations", int, None, "most draft tokens per round; 0 turns speculation off "
+     "(default: the checkpoint's num_assistant_tokens, else 4)"),
     ("adaptive-speculation", "bool", True, "lower a sequence's drafts (to 0) while its acceptance "
      "is too low to pay; off drafts num-speculations every round"),
-    ("dtype", str, "auto", "auto, float32, float16 or bfloat16"),
-    ("device", str, "cpu", "cpu or cuda"),
+    ("dtype", str, "auto", "weights and KV cache dtype; auto is float32 on the CPU and bfloat16 "
+     "on CUDA", DTYPES),
+    ("device", _device, "cpu", "cpu, cuda or cuda:N"),
     ("max-num-seqs", int, 8, "sequences decoded together"),
     ("max-num-batched-tokens", int, 2048, "prompt tokens prefilled per step"),
-    ("max-model-len", int, None, "prompt + completion limit in tokens (default: the model's)"),
+    ("max-model-len", int, None, "prompt + completion limit in tokens (default: the model's, at "
+     "most 8192)"),
     ("seed", int, 0, "random seed"),
     ("cpu-threads", int, None, "torch threads of the engine process on the CPU (default: the "
      "usable cores less one, at least 1, leaving a core to the HTTP process)"),
     ("max-request-body-bytes", int, 16 * 2**20, "larger request bodies get 413 unread (bytes)"),
     ("timeout-graceful-shutdown", float, 60.0, "seconds to let running requests finish after "
      "SIGTERM before closing them (match Kubernetes' terminationGracePeriodSeconds)"),
-    ("log-level", str, "info", "debug, info, warning or error"),
+    ("log-level", str, "info", "logging level of the server and its engine process", LOG_LEVELS),
 )
 
 
@@ -49,29 +101,79 @@ def _bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def _keys(text: str) -> list[str]:
+    """API keys from a flag or ``LAYERSKIP_API_KEY``: comma-separated, blanks dropped."""
+    return [k.strip() for k in text.split(",") if k.strip()]
+
+
+def _help(doc: str, default, env: str) -> str:
+    """A flag's help: its text, its default unless the text already gives it, its variable."""
+    shown = "" if default is None or "default" in doc else f" (default: {default})"
+    return f"{doc}{shown} [env {env}]"
+
+
+def _add_flag(parser: argparse.ArgumentParser, name: str, kind, default, doc: str, choices,
+              environ) -> None:
+    """One flag with its ``LAYERSKIP_<FLAG>`` default; a bad variable is a one-line error."""
+    env = "LAYERSKIP_" + name.upper().replace("-", "_")
+    value = environ.get(env, "").strip()
+    convert = {"bool": _bool, "keys": _keys}.get(kind, kind)
+    if choices:
+        convert = str.lower
+    if value:
+        try:
+            default = convert(value)
+        except (ValueError, argparse.ArgumentTypeError):
+            parser.error(f"environment variable {env}={value!r} is not a valid {name}")
+        if choices and default not in choices:
+            parser.error(f"environment variable {env}={value!r} is not a valid {name} "
+                         f"(choose from {', '.join(choices)})")
+    if kind == "bool":
+        parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default,
+                            help=_help(doc, default, env))
+    elif kind == "keys":  # repeatable; the command line's keys replace the environment's
+        parser.add_argument(f"--{name}", action="append", type=_keys, default=None,
+                            metavar="KEY", help=_help(doc, None, env))
+        parser.set_defaults(**{"env_" + name.replace("-", "_"): default or []})
+    else:
+        metavar = "{cpu,cuda,cuda:N}" if kind is _device else None
+        parser.add_argument(f"--{name}", type=convert, default=default, choices=choices,
+                            metavar=metavar, help=_help(doc, default, env))
+
+
+def build_parser(environ) -> argparse.ArgumentParser:
+    """The ``layerskip-serve`` parser, its defaults read from ``environ``.
+
+    Raises:
+        SystemExit: (status 2, one line) a ``LAYERSKIP_*`` variable that does not parse.
+    """
+    from server import package_version
+
+    parser = _Parser(
+        prog="layerskip-serve", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"layerskip-serve {package_version()}")
+    for name, kind, default, doc, *choices in FLAGS:
+        _add_flag(parser, name, kind, default, doc, choices[0] if choices else None, environ)
+    return parser
+
+
 def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> argparse.Namespace:
     """Parse flags, taking defaults from ``LAYERSKIP_*`` environment variables.
 
+    ``api_key`` comes back as a flat list of keys (empty: no authentication).
+
     Raises:
-        SystemExit: a bad flag, or a ``LAYERSKIP_*`` variable that does not parse (named).
+        SystemExit: (status 2, one line) a bad flag, or a ``LAYERSKIP_*`` variable that does not
+            parse (named).
     """
     environ = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(prog="layerskip-serve", description=__doc__.split("\n")[0])
-    for name, kind, default, doc in FLAGS:
-        env = "LAYERSKIP_" + name.upper().replace("-", "_")
-        value = environ.get(env, "").strip()
-        convert = _bool if kind == "bool" else kind
-        if value:
-            try:
-                default = convert(value)
-            except ValueError:
-                parser.error(f"environment variable {env}={value!r} is not a valid {name}")
-        if kind == "bool":
-            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{doc} [env {env}]")
-        else:
-            parser.add_argument(f"--{name}", type=kind, default=default, help=f"{doc} [env {env}]")
-    return parser.parse_args(argv)
+    args = build_parser(environ).parse_args(argv)
+    given = args.api_key
+    args.api_key = [k for keys in given for k in keys] if given is not None else args.env_api_key
+    del args.env_api_key
+    return args
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -104,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     """Start the engine process, load the model, build the app and serve it.
 
     Exits 0 after a clean shutdown, 1 when the engine process died, with one line and exit
-    status 1 when the model cannot be loaded.
+    status 1 when the model cannot be loaded, and with one line and exit status 2 for a bad
+    flag or ``LAYERSKIP_*`` value.
     """
     args = parse_args(argv)
     # OpenMP threads that spin while they wait make small CPU ops 5-40x slower as soon as another
@@ -117,20 +220,28 @@ def main(argv: list[str] | None = None) -> None:
     from server.app import build_app
     from server.serving import DrainingServer
 
-    threads = args.cpu_threads or default_cpu_threads()
+    threads = default_cpu_threads() if args.cpu_threads is None else args.cpu_threads
     if threads < 1:
-        raise SystemExit(f"layerskip-serve: --cpu-threads must be at least 1, got {threads}")
+        print(f"layerskip-serve: error: --cpu-threads must be at least 1, got {threads}",
+              file=sys.stderr)
+        sys.exit(2)
     engine = MPEngineClient(engine_config(args), threads, log_level=args.log_level)
     try:
         info = engine.load()
     except (ValueError, RuntimeError) as exc:  # CheckpointError included: no traceback
-        raise SystemExit(f"layerskip-serve: {exc}") from None
-    logging.getLogger("layerskip-serve").info(
-        "serving %s (%s) from %s on %s: engine process %d, %s cpu threads, KV cache %.1f MiB, "
-        "max_model_len %d", info.model_name, args.dtype, info.model_path, args.device, engine.pid,
-        info.cpu_threads, info.num_kv_cache_bytes / 2**20, info.max_model_len)
+        raise SystemExit(f"layerskip-serve: {' '.join(str(exc).split())}") from None
+    log = logging.getLogger("layerskip-serve")
+    log.info("serving %s from %s: device %s, dtype %s, %s cpu threads, KV cache %.1f MiB, "
+             "max_model_len %d, engine process %d", info.model_name, info.model_path,
+             info.device or args.device, info.dtype or args.dtype,
+             info.cpu_threads if info.cpu_threads is not None else "no",
+             info.num_kv_cache_bytes / 2**20, info.max_model_len, engine.pid)
+    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without --api-key: anyone who can reach the port can use "
+                    "the API", args.host)
     engine.metrics = metrics = EngineMetrics(info.model_name)
-    app = build_app(engine, metrics, args.max_request_body_bytes)
+    app = build_app(engine, metrics, args.max_request_body_bytes, tuple(args.api_key),
+                    args.protect_metrics)
     server = DrainingServer(app, args.timeout_graceful_shutdown, host=args.host, port=args.port,
                             log_level=args.log_level)
     try:

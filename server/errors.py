@@ -45,7 +45,11 @@ def error_body(message: str, type: str, param: str | None = None, code=None) -> 
     return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+UNION_TAGS = {"/tokenize": ("prompt", "messages")}
+"""Routes whose body is a tagged union: pydantic puts the tag first in an error's location."""
+
+
+def _validation_message(exc: RequestValidationError, path: str) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
@@ -53,6 +57,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return f"invalid JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if loc and loc[0] in UNION_TAGS.get(path, ()):
+        loc = loc[1:]
     param = loc[0] if loc else None
     where = ".".join(loc) or "body"
     return f"{where}: {first.get('msg', 'invalid value')}", param
@@ -66,13 +72,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return ErrorJSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc, request.url.path)
         return ErrorJSONResponse(error_body(message, "invalid_request_error", param), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        return ErrorJSONResponse(error_body(str(exc.detail), "invalid_request_error"), exc.status_code)
+        # exc.headers carries a 405's Allow (RFC 9110 §15.5.6 requires it)
+        return ErrorJSONResponse(error_body(str(exc.detail), "invalid_request_error"),
+                                 exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception):

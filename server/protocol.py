@@ -15,6 +15,16 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 4
+"""The most ``stop`` strings per request (OpenAI's limit)."""
+MAX_STOP_STRING_CHARS = 1024
+"""The longest ``stop`` string (characters): streamed text is held back up to this much while
+it might be the start of a stop string, and every step checks each string."""
+MAX_STOP_TOKEN_IDS = 1024
+"""The most ``stop_token_ids`` per request: every step checks every generated token against
+them (a million ids made another user's request 3× slower)."""
+MAX_CHOICES = 128
+"""The most choices one request may ask for, ``n`` × the number of prompts (OpenAI caps ``n`` at
+128): each is a sequence of its own in the batch."""
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
 INT64 = 2**63
@@ -44,7 +54,7 @@ class SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     user: str | None = None
     ignore_eos: bool = False
@@ -55,6 +65,7 @@ class SamplingFields(_Strict):
     logit_bias: dict[str, float] | None = None
     exit_layer: int | None = None
     num_speculations: int | None = None
+    return_token_ids: bool = False
 
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
@@ -127,6 +138,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class UsageInfo(BaseModel):
@@ -194,6 +207,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -206,6 +220,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
     spec_decode: SpecDecodeStats | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class ModelCard(BaseModel):
@@ -239,3 +254,58 @@ class ErrorResponse(BaseModel):
     """``{"error": {...}}``, the OpenAI error shape."""
 
     error: ErrorInfo
+
+
+class HealthResponse(BaseModel):
+    """``GET /health``: ``ok`` (200) or ``unhealthy`` (503)."""
+
+    status: Literal["ok", "unhealthy"]
+
+
+class TokenizeCompletionRequest(_Strict):
+    """``POST /tokenize`` with a ``prompt`` (vLLM's shape): ``add_special_tokens`` adds the
+    tokenizer's BOS as completions do; ``return_token_strs`` adds each token's vocabulary entry."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Strict):
+    """``POST /tokenize`` with ``messages``, through the chat template as chat completions use it
+    (vLLM's shape; ``add_special_tokens`` defaults to false, the template holds them)."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    """``POST /tokenize``'s answer: ``count`` tokens (``max_model_len`` is the context limit)."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize``: token ids → text (special tokens kept, as vLLM)."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    """``POST /detokenize``'s answer."""
+
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    """``GET /version``: the installed ``layerskip-serve`` package's version."""
+
+    version: str

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from engine.request import EngineRequest, InvalidRequestError, SamplingParams
 from server.errors import APIError
-from server.protocol import (MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest,
-                             SamplingFields)
+from server.protocol import (MAX_CHOICES, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
+                             ChatCompletionRequest, CompletionRequest, SamplingFields)
 
 MIN_TEMPERATURE = 1e-5
 """Temperatures below this decode greedily (vLLM's ``_SAMPLING_EPS``)."""
@@ -26,11 +26,23 @@ class PromptInfo:
     text: str | None
 
 
-def check_common(body: SamplingFields, engine) -> None:
-    """The checks completions and chat share: model name, health, unsupported fields."""
-    if body.model != engine.model_name:
-        name = body.model.encode("utf-8", "backslashreplace").decode()  # a lone surrogate too
+def check_model(model: str | None, engine) -> None:
+    """404 unless ``model`` is the served model's name (None counts as the served model, as in
+    vLLM's tokenizer endpoints).
+
+    Raises:
+        APIError: 404 ``model_not_found``.
+    """
+    if model is not None and model != engine.model_name:
+        name = model.encode("utf-8", "backslashreplace").decode()  # a lone surrogate too
         raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+
+def check_common(body: SamplingFields, engine) -> None:
+    """The checks completions and chat share: model name, health, unsupported fields, and the
+    caps on stop strings (:data:`~server.protocol.MAX_STOP_STRINGS` strings of at most
+    :data:`~server.protocol.MAX_STOP_STRING_CHARS` characters)."""
+    check_model(body.model, engine)
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported", "logit_bias")
     if body.stream_options is not None and not body.stream:
@@ -40,6 +52,10 @@ def check_common(body: SamplingFields, engine) -> None:
                             f"got {len(body.stop)}", "stop")
     if body.stop is not None and any(s == "" for s in _stops(body.stop)):
         raise APIError(400, "stop sequences must not be empty", "stop")
+    longest = max((len(s) for s in _stops(body.stop)), default=0)
+    if longest > MAX_STOP_STRING_CHARS:
+        raise APIError(400, f"stop sequences may have at most {MAX_STOP_STRING_CHARS} characters, "
+                            f"got one of {longest}", "stop")
     if not engine.is_healthy:
         raise APIError(503, "the engine is not running", type="server_error")
 
@@ -67,7 +83,12 @@ def check_text_length(chars: int, engine, param: str) -> None:
                             f"({engine.max_prompt_chars} characters).", param)
 
 
-def _check_text(text: str, param: str) -> None:
+def check_text(text: str, param: str) -> None:
+    """400 naming ``param`` when ``text`` cannot be encoded as UTF-8 (a lone surrogate).
+
+    Raises:
+        APIError: 400.
+    """
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -143,11 +164,28 @@ def completion_requests(body: CompletionRequest, engine, response_id: str
         raise APIError(400, "best_of other than n is not supported", "best_of")
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens must be at least 1 (0 only with echo)", "max_tokens")
+    _check_choices(body.n, _num_prompts(body.prompt))
     prompts = _tokenize(body.prompt, engine)
     prompt_logprobs = body.logprobs if body.echo else None
     requests = _engine_requests(body, engine, response_id, prompts, body.max_tokens,
                                 "max_tokens", body.logprobs, prompt_logprobs)
     return requests, prompts
+
+
+def _num_prompts(prompt) -> int:
+    """How many prompts a completions ``prompt`` field holds (a token-id list is one)."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)
+
+
+def _check_choices(n: int, num_prompts: int) -> None:
+    """400 when ``n × num_prompts`` passes :data:`~server.protocol.MAX_CHOICES` (checked before
+    anything is tokenized)."""
+    if n * num_prompts > MAX_CHOICES:
+        param = "n" if n > 1 else "prompt"
+        raise APIError(400, f"a request may ask for at most {MAX_CHOICES} choices (n × the number "
+                            f"of prompts), got {n} × {num_prompts} = {n * num_prompts}", param)
 
 
 def _tokenize(prompt, engine) -> list[PromptInfo]:
@@ -161,11 +199,27 @@ def _tokenize(prompt, engine) -> list[PromptInfo]:
     out = []
     for p in prompt:
         if isinstance(p, str):
-            _check_text(p, "prompt")
+            check_text(p, "prompt")
             _check_length(p, engine, "prompt")
             out.append(PromptInfo(engine.tokenize(p), p))
         else:
             out.append(PromptInfo(list(p), None))
+    return out
+
+
+def chat_messages(messages) -> list[dict]:
+    """``ChatMessage`` models → the ``{"role", "content"}`` dicts a chat template takes (text
+    parts joined).
+
+    Raises:
+        APIError: 400 naming ``messages`` for content that is not valid Unicode.
+    """
+    out = []
+    for m in messages:
+        content = m.content if isinstance(m.content, str) or m.content is None \
+            else "".join(part.text for part in m.content)
+        check_text(content or "", "messages")
+        out.append({"role": m.role, "content": content or ""})
     return out
 
 
@@ -179,12 +233,7 @@ def chat_requests(body: ChatCompletionRequest, engine, response_id: str
         raise APIError(400, "response_format other than text is not supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
-    messages = []
-    for m in body.messages:
-        content = m.content if isinstance(m.content, str) or m.content is None \
-            else "".join(part.text for part in m.content)
-        _check_text(content or "", "messages")
-        messages.append({"role": m.role, "content": content or ""})
+    messages = chat_messages(body.messages)
     _check_length("".join(m["content"] for m in messages), engine, "messages")
     try:
         ids = engine.apply_chat_template(messages, body.add_generation_prompt)

@@ -55,13 +55,26 @@ class CompletionFormatter:
         n: choices per prompt.
         echo: prepend the prompt (text, and logprobs when asked).
         decode: token ids → text, for prompts sent as token ids.
+        return_token_ids: vLLM's ``return_token_ids``: each choice carries its
+            ``prompt_token_ids`` (a stream: in the choice's first chunk) and the ``token_ids``
+            it emitted (a stream: each chunk's new ones).
     """
 
     def __init__(self, response_id: str, model: str, prompts: list[PromptInfo], n: int,
-                 echo: bool, decode, created: int | None = None):
+                 echo: bool, decode, created: int | None = None, return_token_ids: bool = False):
         self.response_id, self.model, self.prompts, self.n = response_id, model, prompts, n
         self.echo, self.decode, self.created = echo, decode, created
+        self.return_token_ids = return_token_ids
         self._offsets: dict[int, int] = {}
+
+    def _ids(self, index: int, token_ids: list[int], first: bool) -> dict:
+        """The ``prompt_token_ids`` / ``token_ids`` fields of a choice (none unless asked)."""
+        if not self.return_token_ids:
+            return {}
+        ids = {"token_ids": list(token_ids)}
+        if first:
+            ids["prompt_token_ids"] = list(self.prompts[index // self.n].token_ids)
+        return ids
 
     def delta(self, index: int, out: RequestOutput, first: bool) -> tuple[str, CompletionLogprobs | None]:
         """One output's text and logprobs; ``first`` for the choice's first output."""
@@ -97,10 +110,13 @@ class CompletionFormatter:
     def chunks(self, index: int, out: RequestOutput, first: bool) -> list[dict]:
         """The SSE chunks for one output (none when it carries nothing)."""
         text, logprobs = self.delta(index, out, first)
-        if not text and not out.finished and logprobs is None:
+        ids = self._ids(index, out.token_ids, first)
+        if not (text or out.finished or logprobs is not None or ids.get("token_ids")
+                or "prompt_token_ids" in ids):
             return []
         choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                  finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+                                  finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                                  **ids)
         return [_with_nulls(self._response([choice]).model_dump(exclude_none=True), out)]
 
     def _response(self, choices, **kw) -> CompletionResponse:
@@ -132,9 +148,10 @@ class CompletionFormatter:
                     top_logprobs=[t for p in parts for t in p.top_logprobs],
                     text_offset=[t for p in parts for t in p.text_offset])
             last = outs[-1]
+            ids = self._ids(index, [t for o in outs for t in o.token_ids], True)
             choices.append(CompletionChoice(index=index, text="".join(texts), logprobs=logprobs,
                                             finish_reason=last.finish_reason,
-                                            stop_reason=last.stop_reason))
+                                            stop_reason=last.stop_reason, **ids))
         lasts = [outs[-1] for outs in results]
         return self._response(choices, usage=usage_of(
             {i: o.num_prompt_tokens for i, o in enumerate(lasts)},
@@ -153,10 +170,26 @@ def _chat_logprobs(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
 
 
 class ChatFormatter:
-    """``chat.completion`` choices; a stream opens each choice with a ``role`` delta."""
+    """``chat.completion`` choices; a stream opens each choice with a ``role`` delta.
 
-    def __init__(self, response_id: str, model: str, n: int, created: int | None = None):
+    Args:
+        prompt_token_ids: the templated prompt; with ``return_token_ids`` (vLLM's) the response
+            carries it as ``prompt_token_ids`` (a stream: in the first chunk) and each choice its
+            ``token_ids`` (a stream: each chunk's new ones).
+    """
+
+    def __init__(self, response_id: str, model: str, n: int, created: int | None = None,
+                 prompt_token_ids: list[int] | None = None, return_token_ids: bool = False):
         self.response_id, self.model, self.n, self.created = response_id, model, n, created
+        self.prompt_token_ids, self.return_token_ids = prompt_token_ids, return_token_ids
+        self._sent_prompt_ids = False
+
+    def _prompt_ids(self) -> dict:
+        """``prompt_token_ids`` for the response (or the stream's first chunk) when asked."""
+        if not self.return_token_ids or self._sent_prompt_ids:
+            return {}
+        self._sent_prompt_ids = True
+        return {"prompt_token_ids": list(self.prompt_token_ids or [])}
 
     def _response(self, choices, **kw) -> ChatCompletionResponse:
         extra = {} if self.created is None else {"created": self.created}
@@ -169,16 +202,19 @@ class ChatFormatter:
         bodies = []
         if first:
             opening = ChatChoice(index=index, delta=ChatResponseMessage(role="assistant", content=""))
-            bodies.append(self._chunk(opening, None))
-        if out.text or out.finished or out.logprobs:
+            bodies.append(self._chunk(opening, None, **self._prompt_ids()))
+        ids = out.token_ids if self.return_token_ids else []
+        if out.text or out.finished or out.logprobs or ids:
             choice = ChatChoice(index=index, delta=ChatResponseMessage(content=out.text),
                                 logprobs=_chat_logprobs(out.logprobs),
-                                finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+                                finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                                token_ids=list(ids) if self.return_token_ids else None)
             bodies.append(self._chunk(choice, out))
         return bodies
 
-    def _chunk(self, choice: ChatChoice, out: RequestOutput | None) -> dict:
-        body = self._response([choice], object="chat.completion.chunk").model_dump(exclude_none=True)
+    def _chunk(self, choice: ChatChoice, out: RequestOutput | None, **kw) -> dict:
+        body = self._response([choice], object="chat.completion.chunk",
+                              **kw).model_dump(exclude_none=True)
         return _with_nulls(body, out)
 
     def final_chunk(self, usage: UsageInfo | None, spec: SpecDecodeStats) -> dict:
@@ -199,9 +235,11 @@ class ChatFormatter:
                 index=index, message=ChatResponseMessage(role="assistant",
                                                          content="".join(o.text for o in outs)),
                 logprobs=_chat_logprobs(entries if last.logprobs is not None else None),
-                finish_reason=last.finish_reason, stop_reason=last.stop_reason))
+                finish_reason=last.finish_reason, stop_reason=last.stop_reason,
+                token_ids=[t for o in outs for t in o.token_ids] if self.return_token_ids
+                else None))
         lasts = [outs[-1] for outs in results]
         return self._response(choices, usage=usage_of(
             {i: o.num_prompt_tokens for i, o in enumerate(lasts)},
             {i: o.num_output_tokens for i, o in enumerate(lasts)}, self.n),
-            spec_decode=spec_stats(lasts))
+            spec_decode=spec_stats(lasts), **self._prompt_ids())

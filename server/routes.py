@@ -1,7 +1,10 @@
-"""The HTTP routes: OpenAI completions, chat and models, health, and Prometheus metrics.
+"""The HTTP routes: OpenAI completions, chat and models, vLLM's tokenizer endpoints and
+``/version``, health, and Prometheus metrics.
 
 Handlers validate, tokenize, hand ``EngineRequest`` objects to the engine client and format what
-comes back; they never touch tensors.
+comes back; they never touch tensors. Each route declares the responses it can give (the error
+statuses with the OpenAI error schema, ``text/event-stream`` for streams), so the OpenAPI
+document (``server.openapi``) tells the truth.
 """
 
 from __future__ import annotations
@@ -12,35 +15,75 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from engine.client import EngineDeadError
 from engine.request import InvalidRequestError
+from server import package_version
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                             CompletionResponse, DetokenizeRequest, DetokenizeResponse,
+                             ErrorResponse, HealthResponse, ModelCard, ModelList,
+                             TokenizeResponse, VersionResponse)
 from server.requests import chat_requests, completion_requests
 from server.responses import ChatFormatter, CompletionFormatter
 from server.streaming import stream_events
+from server.tokenization import TokenizeRequest, detokenize, tokenize
 
 router = APIRouter()
+
+ERRORS = {
+    400: "invalid request: a wrong type, a value out of range, a prompt too long (the error "
+         "names the parameter)",
+    404: "the model is not the one served",
+    413: "the request body is larger than --max-request-body-bytes",
+    503: "the engine is not running, or the server is shutting down",
+}
+
+
+def _errors(*statuses: int) -> dict:
+    """OpenAPI ``responses`` entries for error statuses, all with the OpenAI error schema."""
+    return {s: {"model": ErrorResponse, "description": ERRORS[s]} for s in statuses}
+
+
+def _stream_or_json(model) -> dict:
+    """A 200 that is JSON (``model``), or server-sent events when the body asks to stream. The
+    event-stream schema describes one event, as OpenAPI 3.2 reads a ``schema`` without
+    ``itemSchema`` (and schemathesis checks it so)."""
+    event = {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": f"one chunk as JSON (a {model.__name__} whose choices "
+        "carry deltas), an {\"error\": ...} object if the request fails midway, or [DONE] "
+        "last"}}}
+    return {200: {"model": model, "description": "the whole response as JSON, or with "
+                  "\"stream\": true a text/event-stream of chunks ending in data: [DONE]",
+                  "content": {"text/event-stream": {"schema": event}}}}
 
 
 def _engine(request: Request):
     return request.app.state.engine
 
 
-@router.get("/health")
+@router.get("/health", response_model=None, responses={
+    200: {"model": HealthResponse, "description": "the engine runs"},
+    503: {"model": HealthResponse, "description": "the engine stopped, or the server drains"}})
 async def health(request: Request) -> Response:
     """200 while the engine runs and the server is not draining, 503 otherwise."""
     healthy = _engine(request).is_healthy and not request.app.state.draining
     return JSONResponse({"status": "ok" if healthy else "unhealthy"}, 200 if healthy else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format"}})
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition of :mod:`engine.metrics`."""
     m = request.app.state.metrics
     return Response(m.render(), media_type=m.content_type)
+
+
+@router.get("/version")
+async def version() -> VersionResponse:
+    """The server's version (the installed package's, as vLLM's ``/version``)."""
+    return VersionResponse(version=package_version())
 
 
 @router.get("/v1/models")
@@ -51,7 +94,8 @@ async def list_models(request: Request) -> ModelList:
                                      max_model_len=engine.max_model_len)])
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None,
+             responses={**_stream_or_json(CompletionResponse), **_errors(400, 404, 413, 503)})
 async def create_completion(body: CompletionRequest, request: Request):
     """OpenAI ``POST /v1/completions``: choices indexed prompt-major (``P × n``)."""
     engine = _engine(request)
@@ -60,19 +104,42 @@ async def create_completion(body: CompletionRequest, request: Request):
     requests, prompts = await _off_loop_if_long(body.prompt, completion_requests, body, engine,
                                                 response_id)
     formatter = CompletionFormatter(response_id, engine.model_name, prompts, body.n, body.echo,
-                                    engine.decode, int(time.time()))
+                                    engine.decode, int(time.time()),
+                                    return_token_ids=body.return_token_ids)
     return await _respond(request, engine, body, requests, formatter)
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None,
+             responses={**_stream_or_json(ChatCompletionResponse), **_errors(400, 404, 413, 503)})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """OpenAI ``POST /v1/chat/completions``, through the checkpoint's chat template."""
     engine = _engine(request)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     _check_accepting(request)
-    requests, _ = await _off_loop_if_long(body.messages, chat_requests, body, engine, response_id)
-    formatter = ChatFormatter(response_id, engine.model_name, body.n, int(time.time()))
+    requests, prompts = await _off_loop_if_long(body.messages, chat_requests, body, engine,
+                                                response_id)
+    formatter = ChatFormatter(response_id, engine.model_name, body.n, int(time.time()),
+                              prompts[0].token_ids, body.return_token_ids)
     return await _respond(request, engine, body, requests, formatter)
+
+
+@router.post("/tokenize", responses=_errors(400, 404, 413))
+async def tokenize_route(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    """vLLM's ``POST /tokenize``: a prompt's tokens, or chat messages' through the template."""
+    text = getattr(body, "prompt", None) or getattr(body, "messages", None)
+    return await _off_loop_if_long(text, tokenize, body, _engine(request))
+
+
+INLINE_DETOKENIZE_TOKENS = 2048
+"""Shorter token lists are decoded on the event loop, longer ones in a worker thread."""
+
+
+@router.post("/detokenize", responses=_errors(400, 404, 413))
+async def detokenize_route(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    """vLLM's ``POST /detokenize``: token ids → text."""
+    if len(body.tokens) < INLINE_DETOKENIZE_TOKENS:
+        return detokenize(body, _engine(request))
+    return await asyncio.to_thread(detokenize, body, _engine(request))
 
 
 INLINE_TEXT_CHARS = 8192

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 
 import pytest
 import yaml
@@ -84,3 +85,27 @@ def test_the_mounted_folders_exist():
                 assert (DEPLOY / source).is_dir(), f"{name} mounts missing {source}"
     assert (DEPLOY / "models").is_dir()
     assert (DEPLOY / load(COMPOSE)["services"]["prometheus"]["volumes"][0].split(":")[0]).resolve() == PROMETHEUS_DIR
+
+
+def test_the_api_key_passes_through_from_the_shell_only_when_set():
+    """Unset, the server starts without authentication; set, the container gets it. The health
+    check and Prometheus' scrape use paths that need no key."""
+    import os
+
+    from server.auth import is_protected
+
+    base = {k: v for k, v in os.environ.items() if k != "LAYERSKIP_API_KEY"}
+
+    def rendered(extra: dict) -> dict:
+        proc = subprocess.run([tool("docker-compose"), "-f", str(COMPOSE), "config"],
+                              capture_output=True, text=True, timeout=120, env={**base, **extra})
+        assert proc.returncode == 0, proc.stderr
+        return yaml.safe_load(proc.stdout)["services"]["server"]["environment"]
+
+    assert "LAYERSKIP_API_KEY" in load(COMPOSE)["services"]["server"]["environment"]
+    assert rendered({"LAYERSKIP_API_KEY": "k1,k2"})["LAYERSKIP_API_KEY"] == "k1,k2"
+    assert rendered({})["LAYERSKIP_API_KEY"] is None  # null: not set in the container
+    prometheus = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    paths = [job.get("metrics_path", "/metrics") for job in prometheus["scrape_configs"]
+             if job["job_name"] == "layerskip"]
+    assert paths and not any(is_protected(p) for p in paths)

@@ -142,7 +142,7 @@ def test_the_pvc_overlay_mounts_the_model_volume_read_only():
     assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
     mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
     assert mount["readOnly"] is True
-    env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
     assert env["LAYERSKIP_MODEL"].startswith(mount["mountPath"] + "/")
 
 
@@ -192,3 +192,18 @@ def test_the_prometheus_rule_resource_carries_the_rule_files(tmp_path):
     rules_file = tmp_path / "rules.yml"
     rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
     run(tool("promtool"), "check", "rules", str(rules_file))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_api_key_comes_from_an_optional_secret_and_probes_need_none(overlay):
+    from server.auth import is_protected
+
+    docs = render(overlay)
+    container = server_container(docs)
+    (key,) = [e for e in container["env"] if e["name"] == "LAYERSKIP_API_KEY"]
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "layerskip-api-key", "key": "api-key",
+                                                "optional": True}  # no Secret: starts open
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert not is_protected(container[probe]["httpGet"]["path"]), probe
+    assert not any(is_protected(e["path"]) for e in one(docs, "ServiceMonitor")["spec"]["endpoints"])
+    assert "--protect-metrics" not in container.get("args", [])

@@ -66,3 +66,55 @@ def test_acceptance_gauge_is_zero_without_drafts_and_forgets_old_steps():
     assert _value(metrics, "layerskip_spec_decode_acceptance_rate") == 0.0
     metrics.observe_step(StepStats(num_draft_tokens=4, num_accepted_tokens=4), now=0.0)
     assert _value(metrics, "layerskip_spec_decode_acceptance_rate") == 0.0  # step is long gone
+
+
+def _one_line_exit(capsys, argv, environ=None) -> str:
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv, environ=environ or {})
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("layerskip-serve: error: "), err
+    return err
+
+
+def test_bad_values_are_one_line_and_exit_2(capsys):
+    assert "invalid choice: 'loud'" in _one_line_exit(capsys, ["--log-level", "loud"])
+    assert "'tpu' is not a device" in _one_line_exit(capsys, ["--device", "tpu"])
+    assert "--dtype" in _one_line_exit(capsys, ["--dtype", "float64"])
+    err = _one_line_exit(capsys, [], {"LAYERSKIP_LOG_LEVEL": "loud"})
+    assert "LAYERSKIP_LOG_LEVEL='loud'" in err and "debug" in err
+    assert "LAYERSKIP_DEVICE='tpu'" in _one_line_exit(capsys, [], {"LAYERSKIP_DEVICE": "tpu"})
+    assert "LAYERSKIP_DTYPE" in _one_line_exit(capsys, [], {"LAYERSKIP_DTYPE": "int4"})
+    assert parse_args([], environ={"LAYERSKIP_LOG_LEVEL": "DEBUG"}).log_level == "debug"
+    assert parse_args(["--device", "cuda:1"], environ={}).device == "cuda:1"
+
+
+def test_version_and_a_help_written_for_users(capsys):
+    import re
+
+    import pytest
+
+    from server import package_version
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--version"], environ={})
+    assert exc.value.code == 0 and capsys.readouterr().out == f"layerskip-serve {package_version()}\n"
+    with pytest.raises(SystemExit):
+        parse_args(["--help"], environ={"LAYERSKIP_MAX_NUM_SEQS": "3"})
+    text = " ".join(capsys.readouterr().out.split())
+    assert "OpenAI-compatible inference server" in text and "LayerSkip self-speculation" in text
+    assert "--dtype {auto,float32,float16,bfloat16}" in text and "--device {cpu,cuda,cuda:N}" in text
+    assert "--log-level {critical,error,warning,info,debug}" in text
+    assert "(default: 3) [env LAYERSKIP_MAX_NUM_SEQS]" in text  # the environment's default shown
+    assert "(default: 127.0.0.1)" in text and "(default: 16777216)" in text
+    assert not re.search(r"default: None", text)
+
+
+def test_api_keys_repeat_or_comma_separate_and_the_command_line_wins():
+    assert parse_args([], environ={}).api_key == []
+    assert parse_args([], environ={"LAYERSKIP_API_KEY": " k1, k2 ,"}).api_key == ["k1", "k2"]
+    args = parse_args(["--api-key", "a", "--api-key", "b"], environ={"LAYERSKIP_API_KEY": "k1"})
+    assert args.api_key == ["a", "b"] and args.protect_metrics is False
+    assert parse_args(["--protect-metrics"], environ={}).protect_metrics is True
