@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -231,6 +232,7 @@ class MPEngineClient(_EngineClient):
         """Begin delivering outputs on the running event loop."""
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        os.set_blocking(self._conn.fileno(), True)  # see _on_readable
 
     @property
     def is_healthy(self) -> bool:
@@ -280,6 +282,13 @@ class MPEngineClient(_EngineClient):
 
     def _on_readable(self) -> None:
         """Read every message the engine has sent (one per step) and deliver it."""
+        fd = self._conn.fileno()
+        if not os.get_blocking(fd):
+            # uvloop's add_reader makes the pipe non-blocking; a step message larger than the
+            # socket buffer (echo with logprobs of a long prompt) would then fail half-read, and
+            # the sender thread's writes of a large request could fail too. poll() said a message
+            # has begun, so a blocking read only waits for the rest of it.
+            os.set_blocking(fd, True)
         try:
             while self._conn.poll():
                 kind, deliveries, stats = self._conn.recv()

@@ -173,3 +173,18 @@ def test_cpu_threads_flag_reaches_the_engine(tmp_path, flag):
     with serve_process(tmp_path / "log.txt", flag) as (url, _):
         assert httpx.get(url + "/health", timeout=5).status_code == 200
     assert "2 cpu threads" in (tmp_path / "log.txt").read_text()
+
+
+def test_step_messages_larger_than_one_pipe_write_arrive_whole(tmp_path):
+    """Echo with logprobs of a long prompt makes a step message of tens of kB, which the engine
+    writes in two parts; the API side must wait for the second (uvloop makes the pipe
+    non-blocking, and a half-read message used to read as the engine's death: a 503, then exit)."""
+    prompt = "".join(f"    value_{i} = compute(value_{i - 1}, {i})\n" for i in range(1, 32))
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True,
+            "logprobs": 5}
+    with serve_process(tmp_path / "log.txt") as (url, proc):
+        for _ in range(3):
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            assert len(r.json()["choices"][0]["logprobs"]["tokens"]) > 300
+        assert proc.poll() is None and httpx.get(url + "/health", timeout=5).status_code == 200
