@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         "serving %s (%s) from %s on %s: engine process %d, %s cpu threads, KV cache %.1f MiB, "
         "max_model_len %d", info.model_name, args.dtype, info.model_path, args.device, engine.pid,
         info.cpu_threads, info.num_kv_cache_bytes / 2**20, info.max_model_len)
-    engine.metrics = metrics = EngineMetrics(info.model_name)
+    engine.metrics = metrics = EngineMetrics(info.model_name, max_model_len=info.max_model_len)
     app = build_app(engine, metrics, args.max_request_body_bytes)
     server = DrainingServer(app, args.timeout_graceful_shutdown, host=args.host, port=args.port,
                             log_level=args.log_level)
