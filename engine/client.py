@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable
 
 from engine.config import EngineConfig
 from engine.core_proc import EngineLoop, WireError, run_engine_core
+from engine.detokenizer import IncrementalDetokenizer, decode_whole_characters
 from engine.processor import EngineInfo, apply_chat_template, check_request
 from engine.request import EngineRequest, RequestOutput
 
@@ -76,6 +77,17 @@ class _EngineClient:
         """The text of ``token_ids`` (special tokens skipped)."""
         return self.info.tokenizer.decode(token_ids, skip_special_tokens=True,
                                           clean_up_tokenization_spaces=False)
+
+    def decode_prompt(self, token_ids: list[int]) -> str:
+        """The ``echo`` of a token-id prompt: its text, less the U+FFFD of a character its last
+        token ends inside (that character opens the completion's text instead; see
+        :mod:`engine.detokenizer`)."""
+        return decode_whole_characters(self.info.tokenizer, token_ids)
+
+    def detokenizer(self, prompt_token_ids: list[int]) -> IncrementalDetokenizer:
+        """An incremental detokenizer on the API side's tokenizer, with ``prompt_token_ids`` as
+        its context (empty: from the start): per-token texts that concatenate to the text."""
+        return IncrementalDetokenizer(self.info.tokenizer, prompt_token_ids)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
                             ) -> list[int]:
