@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 
 from engine.config import EngineConfig
 from engine.core_proc import EngineLoop, WireError, run_engine_core
+from engine.detokenizer import IncrementalDetokenizer, decode_whole_characters
 from engine.processor import EngineInfo, apply_chat_template, check_request
 from engine.request import EngineRequest, RequestOutput
 
@@ -87,6 +89,17 @@ class _EngineClient:
     def vocab_size(self) -> int:
         """Rows of the embedding table (token ids must be below it)."""
         return self.info.vocab_size
+
+    def decode_prompt(self, token_ids: list[int]) -> str:
+        """The ``echo`` of a token-id prompt: its text, less the U+FFFD of a character its last
+        token ends inside (that character opens the completion's text instead; see
+        :mod:`engine.detokenizer`)."""
+        return decode_whole_characters(self.info.tokenizer, token_ids)
+
+    def detokenizer(self, prompt_token_ids: list[int]) -> IncrementalDetokenizer:
+        """An incremental detokenizer on the API side's tokenizer, with ``prompt_token_ids`` as
+        its context (empty: from the start): per-token texts that concatenate to the text."""
+        return IncrementalDetokenizer(self.info.tokenizer, prompt_token_ids)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             add_special_tokens: bool = False) -> list[int]:
@@ -245,6 +258,7 @@ class MPEngineClient(_EngineClient):
         """Begin delivering outputs on the running event loop."""
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        os.set_blocking(self._conn.fileno(), True)  # see _on_readable
 
     @property
     def is_healthy(self) -> bool:
@@ -294,6 +308,13 @@ class MPEngineClient(_EngineClient):
 
     def _on_readable(self) -> None:
         """Read every message the engine has sent (one per step) and deliver it."""
+        fd = self._conn.fileno()
+        if not os.get_blocking(fd):
+            # uvloop's add_reader makes the pipe non-blocking; a step message larger than the
+            # socket buffer (echo with logprobs of a long prompt) would then fail half-read, and
+            # the sender thread's writes of a large request could fail too. poll() said a message
+            # has begun, so a blocking read only waits for the rest of it.
+            os.set_blocking(fd, True)
         try:
             while self._conn.poll():
                 kind, deliveries, stats = self._conn.recv()

@@ -40,6 +40,11 @@ class FinishedStats:
     time_to_first_token: float | None
     time_per_output_token: float | None
     finish_reason: str
+    queue_time: float = 0.0
+    """From arrival to the step that admitted it (seconds; vLLM's time in the WAITING phase);
+    to its end if it never ran."""
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
 
 
 @dataclass
@@ -193,6 +198,9 @@ class EngineCore:
     def step(self) -> tuple[list[RequestOutput], StepStats]:
         """Admit, prefill the new sequences, run one round for the others, emit outputs."""
         sched = self.scheduler.schedule()
+        admitted = time.monotonic()
+        for seq in sched.prefill:
+            seq.scheduled_time = admitted
         stats = self.queue_stats()
         results: list[tuple[Sequence, RoundOutput, int]] = []
         for group in _prefill_groups(sched.prefill):
@@ -336,7 +344,9 @@ def _finished_stats(seq: Sequence, now: float) -> FinishedStats:
     ttft = seq.first_token_time - arrival if seq.first_token_time else None
     n = seq.num_output_tokens
     tpot = (now - seq.first_token_time) / (n - 1) if n > 1 and seq.first_token_time else None
-    return FinishedStats(now - arrival, ttft, tpot, seq.status.finish_reason or "")
+    queued = (seq.scheduled_time or now) - arrival
+    return FinishedStats(now - arrival, ttft, tpot, seq.status.finish_reason or "", queued,
+                         seq.num_prompt_tokens, n)
 
 
 def _pick(explicit, from_checkpoint, fallback):

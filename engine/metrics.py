@@ -12,6 +12,14 @@ figures are best computed in PromQL from the raw counters:
 - inter-token latency p90: ``histogram_quantile(0.9, sum by (le)
   (rate(layerskip_inter_token_latency_seconds_bucket[1m])))``
 
+- queue time p90: ``histogram_quantile(0.9, sum by (le)
+  (rate(layerskip_request_queue_time_seconds_bucket[1m])))``
+- mean prompt length: ``rate(layerskip_request_prompt_tokens_sum[1m])
+  / rate(layerskip_request_prompt_tokens_count[1m])``
+
+No ``*_created`` series: ``prometheus_client.disable_created_metrics()`` is called on import (as
+vLLM does), so a scrape carries only the samples dashboards read.
+
 Two gauges give the same over the last ``window_seconds`` for dashboards without PromQL:
 ``layerskip_spec_decode_acceptance_rate`` (accepted / drafted tokens, the bonus token never
 counted, so always in [0, 1]) and ``layerskip_generation_tokens_per_second``.
@@ -24,10 +32,30 @@ import time
 from collections import deque
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               generate_latest)
+                               disable_created_metrics, generate_latest)
+
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                    7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                           50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+"""vLLM v1's ``request_latency_buckets`` (vllm/v1/metrics/loggers.py), for the queue time."""
+
+
+def build_1_2_5_buckets(max_value: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, … up to ``max_value`` (vLLM's buckets of its per-request token
+    histograms, ``vllm/v1/metrics/loggers.py``). ``max_value`` ≥ 1, in tokens."""
+    buckets, exponent = [], 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10 ** exponent
+            if value > max_value:
+                return buckets
+            buckets.append(value)
+        exponent += 1
 
 
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
@@ -40,11 +68,12 @@ class EngineMetrics:
     Args:
         model_name: the ``model_name`` label value.
         window_seconds: the window of the two rate gauges (seconds).
+        max_model_len: the largest bucket of the per-request token histograms (tokens).
     """
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str, window_seconds: float = 30.0):
+    def __init__(self, model_name: str, window_seconds: float = 30.0, max_model_len: int = 8192):
         self.registry = CollectorRegistry()
         self.window_seconds = window_seconds
         self._started = time.monotonic()
@@ -58,8 +87,8 @@ class EngineMetrics:
         def gauge(name, doc):
             return Gauge(f"layerskip_{name}", doc, labels, registry=r).labels(model_name)
 
-        def histogram(name, doc):
-            return Histogram(f"layerskip_{name}", doc, labels, buckets=LATENCY_BUCKETS,
+        def histogram(name, doc, buckets=LATENCY_BUCKETS):
+            return Histogram(f"layerskip_{name}", doc, labels, buckets=buckets,
                              registry=r).labels(model_name)
 
         self.num_drafts = counter("spec_decode_num_drafts", "Speculative rounds run (per sequence).")
@@ -83,6 +112,14 @@ class EngineMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency (seconds).")
         self.tpot = histogram("request_time_per_output_token_seconds",
                               "Mean time per output token after the first, per request (seconds).")
+        self.queue_time = histogram("request_queue_time_seconds",
+                                    "Time from arrival until the scheduler admitted the request "
+                                    "(vLLM's WAITING phase; seconds).", REQUEST_LATENCY_BUCKETS)
+        token_buckets = build_1_2_5_buckets(max_model_len)
+        self.request_prompt_tokens = histogram("request_prompt_tokens",
+                                               "Prompt tokens per finished request.", token_buckets)
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Generated tokens per finished request.", token_buckets)
         self.itl = Histogram("layerskip_inter_token_latency_seconds",
                              "Time between a sequence's consecutive output tokens, one observation "
                              "per token (a round's gap split evenly over its tokens; seconds).", labels,
@@ -101,6 +138,9 @@ class EngineMetrics:
         for f in stats.finished:
             self.request_success.labels(self.model_name, f.finish_reason).inc()
             self.e2e.observe(f.e2e_latency)
+            self.queue_time.observe(f.queue_time)
+            self.request_prompt_tokens.observe(f.num_prompt_tokens)
+            self.request_generation_tokens.observe(f.num_generation_tokens)
             if f.time_to_first_token is not None:
                 self.ttft.observe(f.time_to_first_token)
             if f.time_per_output_token is not None:

@@ -145,6 +145,7 @@ class Sequence:
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        self.scheduled_time: float | None = None  # when the scheduler admitted it (seconds)
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None  # when its latest tokens came out (seconds)
         self.output_text = ""  # decoded output so far, cut at a stop string

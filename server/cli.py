@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach the port can use "
                     "the API", args.host)
-    engine.metrics = metrics = EngineMetrics(info.model_name)
+    engine.metrics = metrics = EngineMetrics(info.model_name, max_model_len=info.max_model_len)
     app = build_app(engine, metrics, args.max_request_body_bytes, tuple(args.api_key),
                     args.protect_metrics)
     server = DrainingServer(app, args.timeout_graceful_shutdown, host=args.host, port=args.port,

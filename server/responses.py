@@ -40,10 +40,14 @@ def _with_nulls(body: dict, out: RequestOutput | None) -> dict:
     return body
 
 
-def _top_dict(entry: TokenLogprob) -> dict[str, float]:
-    """The legacy ``top_logprobs`` dict: the alternatives, and the chosen token (as vLLM)."""
-    top = {text: lp for text, _, lp, _ in entry.top_logprobs}
-    top.setdefault(entry.token, entry.logprob)
+def _top_dict(entry: TokenLogprob, chosen_text: str) -> dict[str, float]:
+    """The legacy ``top_logprobs`` dict: the alternatives, and the chosen token (as vLLM), the
+    chosen one keyed by ``chosen_text`` (its entry in ``tokens``, so that a client comparing the
+    two, as lm-evaluation-harness's ``is_greedy`` does, finds it)."""
+    top = {}
+    for text, token_id, lp, _ in entry.top_logprobs:
+        top.setdefault(chosen_text if token_id == entry.token_id else text, lp)
+    top.setdefault(chosen_text, entry.logprob)
     return top
 
 
@@ -54,18 +58,26 @@ class CompletionFormatter:
         prompts: the request's prompts (choice ``i`` belongs to prompt ``i // n``).
         n: choices per prompt.
         echo: prepend the prompt (text, and logprobs when asked).
-        decode: token ids → text, for prompts sent as token ids.
+        decode: token ids → text, for prompts sent as token ids (``engine.decode_prompt``: a
+            character the prompt ends inside is left to the completion's text).
+        detokenizer: prompt token ids → an ``engine.detokenizer.IncrementalDetokenizer``
+            (``engine.detokenizer``), so that the logprobs' ``tokens`` concatenate to the text
+            (a token that ends inside a character has ``""``, the one completing it the whole
+            character); None: each token's own text.
         return_token_ids: vLLM's ``return_token_ids``: each choice carries its
             ``prompt_token_ids`` (a stream: in the choice's first chunk) and the ``token_ids``
             it emitted (a stream: each chunk's new ones).
     """
 
     def __init__(self, response_id: str, model: str, prompts: list[PromptInfo], n: int,
-                 echo: bool, decode, created: int | None = None, return_token_ids: bool = False):
+                 echo: bool, decode, created: int | None = None, detokenizer=None,
+                 return_token_ids: bool = False):
         self.response_id, self.model, self.prompts, self.n = response_id, model, prompts, n
         self.echo, self.decode, self.created = echo, decode, created
+        self.detokenizer = detokenizer
         self.return_token_ids = return_token_ids
         self._offsets: dict[int, int] = {}
+        self._detoks: dict[int, object] = {}
 
     def _ids(self, index: int, token_ids: list[int], first: bool) -> dict:
         """The ``prompt_token_ids`` / ``token_ids`` fields of a choice (none unless asked)."""
@@ -79,26 +91,40 @@ class CompletionFormatter:
     def delta(self, index: int, out: RequestOutput, first: bool) -> tuple[str, CompletionLogprobs | None]:
         """One output's text and logprobs; ``first`` for the choice's first output."""
         text, entries, lead = out.text, out.logprobs, None
+        prompt = self.prompts[index // self.n]
         if first and self.echo:
-            prompt = self.prompts[index // self.n]
             text = (prompt.text if prompt.text is not None else self.decode(prompt.token_ids)) + text
             if out.prompt_logprobs is not None:
                 lead = prompt.token_ids[0]
                 entries = out.prompt_logprobs + (entries or [])
         if entries is None:
             return text, None
-        return text, self._logprobs(index, entries, lead)
+        if first and self.detokenizer is not None:  # the echo's logprobs start from the prompt's start
+            self._detoks[index] = self.detokenizer([] if lead is not None else prompt.token_ids)
+        return text, self._logprobs(index, entries, lead, out.finished)
 
-    def _logprobs(self, index: int, entries: list[TokenLogprob], lead: int | None) -> CompletionLogprobs:
+    def _token_texts(self, index: int, ids: list[int], final: bool) -> list[str] | None:
+        """Each token's share of the text (None without a detokenizer)."""
+        detok = self._detoks.get(index)
+        if detok is None:
+            return None
+        return [detok.add([t], final=final and i == len(ids) - 1) for i, t in enumerate(ids)]
+
+    def _logprobs(self, index: int, entries: list[TokenLogprob], lead: int | None,
+                  final: bool) -> CompletionLogprobs:
+        ids = ([] if lead is None else [lead]) + [e.token_id for e in entries]
+        texts = self._token_texts(index, ids, final)
+        if texts is None:
+            texts = ([] if lead is None else [self.decode([lead])]) + [e.token for e in entries]
         tokens, lps, tops = [], [], []
         if lead is not None:  # the prompt's first token has no logprob
-            tokens.append(self.decode([lead]))
+            tokens.append(texts.pop(0))
             lps.append(None)
             tops.append(None)
-        for e in entries:
-            tokens.append(e.token)
+        for e, text in zip(entries, texts):
+            tokens.append(text)
             lps.append(e.logprob)
-            tops.append(_top_dict(e))
+            tops.append(_top_dict(e, text))
         offset, offsets = self._offsets.get(index, 0), []
         for t in tokens:
             offsets.append(offset)

@@ -104,7 +104,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     requests, prompts = await _off_loop_if_long(body.prompt, completion_requests, body, engine,
                                                 response_id)
     formatter = CompletionFormatter(response_id, engine.model_name, prompts, body.n, body.echo,
-                                    engine.decode, int(time.time()),
+                                    engine.decode_prompt, int(time.time()),
+                                    engine.detokenizer,
                                     return_token_ids=body.return_token_ids)
     return await _respond(request, engine, body, requests, formatter)
 

@@ -19,3 +19,24 @@ def test_speedup_benchmark_runs_and_reports_equal_outputs(tmp_path):
     result = json.loads(out.read_text())
     assert result["greedy_mismatches"] == 0 and result["tokens"] == 16
     assert 0.0 <= result["acceptance_rate"] <= 1.0
+
+
+def test_a_60_s_soak_has_no_errors_and_no_greedy_mismatches(tmp_path):
+    """``bench/soak.py`` for 60 s at concurrency 4 with its default mix (greedy, streamed, plain,
+    chat, sampled, echo with logprobs, dropped streams) against a server it starts: every
+    response is a 200, every greedy text equals plain decoding, and once idle the running and
+    waiting gauges are 0."""
+    out = tmp_path / "soak.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--duration", "60",
+                           "--concurrency", "4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["non_200"] == 0, report["non_200_examples"]
+    assert report["transport_errors"] == 0, report["transport_error_examples"]
+    assert report["greedy_mismatches"] == 0, report["mismatch_examples"]
+    assert report["requests"] > 20 and set(report["requests_by_kind"]) >= {"greedy", "stream", "echo"}
+    assert report["idle_gauges"] == {"layerskip_num_requests_running": 0.0,
+                                     "layerskip_num_requests_waiting": 0.0}
+    assert report["rss_mib_end"]["total"] > 0 and report["server_exit_code"] == 0
+    assert proc.returncode == 0

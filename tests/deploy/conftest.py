@@ -68,8 +68,7 @@ def exported_metric_names() -> set[str]:
     """
     from engine.metrics import EngineMetrics
 
-    suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
-                "histogram": ("_bucket", "_count", "_sum", "_created")}
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
     metrics = EngineMetrics("m")
     return {family.name + suffix for family in metrics.registry.collect()
             for suffix in suffixes[family.type]}

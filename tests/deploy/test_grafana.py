@@ -46,7 +46,9 @@ def test_the_panels_the_issue_asks_for_are_there():
     for name in ("layerskip:spec_decode_acceptance_rate:rate1m", "layerskip:spec_decode_mean_accepted_length:rate1m",
                  "layerskip:generation_tokens:rate1m", "layerskip:time_to_first_token_seconds:quantile1m",
                  "layerskip:inter_token_latency_seconds:quantile1m",
-                 "layerskip:time_per_output_token_seconds:quantile1m", "layerskip_num_requests_waiting"):
+                 "layerskip:time_per_output_token_seconds:quantile1m", "layerskip_num_requests_waiting",
+                 "layerskip:request_queue_time_seconds:quantile1m", "layerskip:request_prompt_tokens:mean1m",
+                 "layerskip:request_generation_tokens:mean1m"):
         assert name in exprs, name
 
 

@@ -46,10 +46,13 @@ def test_the_derived_figures_the_issue_names_are_recorded():
     length = exprs["layerskip:spec_decode_mean_accepted_length:rate1m"]
     assert length.startswith("1 +") and "num_drafts_total" in length
     assert "layerskip_generation_tokens_total" in exprs["layerskip:generation_tokens:rate1m"]
+    for name in ("request_prompt_tokens", "request_generation_tokens"):
+        assert promql_names(exprs[f"layerskip:{name}:mean1m"]) == {f"layerskip_{name}_sum",
+                                                                  f"layerskip_{name}_count"}
     quantiles = {(rule["record"], rule["labels"]["quantile"]) for rule in all_rules()
                  if "histogram_quantile" in rule.get("expr", "")}
     for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "time_per_output_token_seconds",
-                 "e2e_request_latency_seconds"):
+                 "e2e_request_latency_seconds", "request_queue_time_seconds"):
         for q in ("0.5", "0.9", "0.99"):
             assert (f"layerskip:{name}:quantile1m", q) in quantiles
     # each quantile rule reads its own histogram: per token for ITL, per request for TPOT

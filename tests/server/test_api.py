@@ -94,6 +94,23 @@ def test_models_health_and_metrics(client):
         assert name in text
 
 
+def test_metrics_have_vllm_request_histograms_and_no_created_series(client):
+    count = _metric(client, "layerskip_request_queue_time_seconds_count")
+    prompt_sum = _metric(client, "layerskip_request_prompt_tokens_sum")
+    generated_sum = _metric(client, "layerskip_request_generation_tokens_sum")
+    body = _complete(client, max_tokens=5, ignore_eos=True).json()
+    assert _metric(client, "layerskip_request_queue_time_seconds_count") == count + 1
+    assert 0 <= _metric(client, "layerskip_request_queue_time_seconds_sum") < 60
+    assert (_metric(client, "layerskip_request_prompt_tokens_sum") - prompt_sum
+            == body["usage"]["prompt_tokens"])
+    assert _metric(client, "layerskip_request_generation_tokens_sum") - generated_sum == 5
+    text = client.get("/metrics").text
+    assert 'layerskip_request_prompt_tokens_bucket{le="5.0",model_name=' in text
+    assert 'layerskip_request_queue_time_seconds_bucket{le="0.3",model_name=' in text
+    created = [line for line in text.splitlines() if "_created" in line]
+    assert not created, created[:3]
+
+
 def _metric(client, name: str) -> float:
     for line in client.get("/metrics").text.splitlines():
         if line.startswith(name + "{"):

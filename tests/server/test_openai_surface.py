@@ -282,6 +282,37 @@ def test_echo_with_zero_max_tokens_scores_the_prompt(oai, tokenizer, reference):
     assert ids_only.choices[0].logprobs.token_logprobs == c.logprobs.token_logprobs
 
 
+PARTIAL = [7, 2605]
+"""The issue's prompt: "'" and the first two bytes of "’", which the first output token completes."""
+
+
+def test_a_token_prompt_that_ends_inside_a_character_keeps_it(oai, tokenizer, make_core, bundled_model):
+    """Echo plus completion equal the decoding of prompt + output, whole and streamed, with and
+    without logprobs, whose tokens concatenate to the text; "’" opens the completion."""
+    from tests.conftest import run_engine, tokens_of
+
+    core = make_core(model=bundled_model, num_speculations=0)
+    output = tokens_of(run_engine(core, [PARTIAL], max_tokens=8, ignore_eos=True))["r0"]
+    whole = tokenizer.decode(PARTIAL + output)
+    assert whole.startswith("'’") and "\ufffd" not in whole
+    kw = dict(prompt=PARTIAL, max_tokens=8, extra_body={"ignore_eos": True})
+    completion = _greedy(oai, **kw).choices[0].text
+    assert completion == whole[1:]
+    echoed = _greedy(oai, echo=True, logprobs=1, **kw).choices[0]
+    assert echoed.text == whole
+    lp = echoed.logprobs
+    assert "".join(lp.tokens) == whole and lp.tokens[:2] == ["'", ""]
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for token, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert top[token] == value  # the chosen token under its share of the text
+    plain = _greedy(oai, logprobs=0, **kw).choices[0]
+    assert plain.text == completion and "".join(plain.logprobs.tokens) == completion
+    for echo in (False, True):
+        texts, _, chunks = _streamed(_greedy(oai, stream=True, echo=echo, **kw))
+        assert texts[0] == (whole if echo else completion)
+        assert not any("\ufffd" in c.text for chunk in chunks for c in chunk.choices)
+
+
 # --- streaming ------------------------------------------------------------------------------
 
 

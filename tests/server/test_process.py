@@ -173,3 +173,135 @@ def test_cpu_threads_flag_reaches_the_engine(tmp_path, flag):
     with serve_process(tmp_path / "log.txt", flag) as (url, _):
         assert httpx.get(url + "/health", timeout=5).status_code == 200
     assert "2 cpu threads" in (tmp_path / "log.txt").read_text()
+
+
+def test_step_messages_larger_than_one_pipe_write_arrive_whole(tmp_path):
+    """Echo with logprobs of a long prompt makes a step message of tens of kB, which the engine
+    writes in two parts; the API side must wait for the second (uvloop makes the pipe
+    non-blocking, and a half-read message used to read as the engine's death: a 503, then exit)."""
+    prompt = "".join(f"    value_{i} = compute(value_{i - 1}, {i})\n" for i in range(1, 32))
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True,
+            "logprobs": 5}
+    with serve_process(tmp_path / "log.txt") as (url, proc):
+        for _ in range(3):
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            assert len(r.json()["choices"][0]["logprobs"]["tokens"]) > 300
+        assert proc.poll() is None and httpx.get(url + "/health", timeout=5).status_code == 200
+
+
+def _gauges(url: str) -> dict[str, float]:
+    """The running and waiting gauges and the abort count, from ``/metrics``."""
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        for name in ("layerskip_num_requests_running", "layerskip_num_requests_waiting"):
+            if line.startswith(name + "{"):
+                out[name.rsplit("_", 1)[1]] = float(line.rsplit(" ", 1)[1])
+        if line.startswith("layerskip_request_success_total{") and 'finished_reason="abort"' in line:
+            out["aborted"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _wait_for(url: str, check, seconds: float = 20) -> dict[str, float]:
+    deadline = time.monotonic() + seconds
+    while True:
+        gauges = _gauges(url)
+        if check(gauges) or time.monotonic() > deadline:
+            return gauges
+        time.sleep(0.1)
+
+
+LONG = {"model": MODEL, "prompt": "def main():\n", "max_tokens": 480, "temperature": 0,
+        "ignore_eos": True}
+
+
+def _raw_post(port: int, body: dict) -> socket.socket:
+    """A completions request on a raw socket (so that closing it drops the connection at once)."""
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    return s
+
+
+def test_clients_that_disconnect_free_their_slots(tmp_path):
+    """Streams dropped after their first chunk and non-streamed requests whose connection closes
+    mid-decode are aborted: the running and waiting gauges go back to 0, and the server still
+    serves."""
+    with serve_process(tmp_path / "log.txt", "--max-num-seqs", "2") as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        before = _gauges(url).get("aborted", 0.0)
+        for _ in range(2):  # streamed: read one event, then close
+            with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True},
+                              timeout=60) as r:
+                next(line for line in r.iter_lines() if line.startswith("data: "))
+        socks = [_raw_post(port, LONG) for _ in range(3)]  # non-streamed: 2 run, 1 waits
+        busy = _wait_for(url, lambda g: g["running"] == 2 and g["waiting"] == 1)
+        assert (busy["running"], busy["waiting"]) == (2, 1), busy
+        for s in socks:
+            s.close()
+        idle = _wait_for(url, lambda g: g["running"] == g["waiting"] == 0)
+        assert (idle["running"], idle["waiting"]) == (0, 0), idle
+        assert idle["aborted"] - before == 5
+        ok = httpx.post(url + "/v1/completions", json={**LONG, "max_tokens": 4}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+def test_sigterm_drains_8_streams_and_refuses_new_work(tmp_path):
+    """Inside the grace time all 8 streams finish normally; a request that reaches the server
+    after SIGTERM gets 503 (or finds the port closed), never a 200 or a hang; exit 0."""
+    with serve_process(tmp_path / "log.txt") as (url, proc):
+        streams = [[] for _ in range(8)]
+        firsts = [threading.Event() for _ in streams]
+        threads = [threading.Thread(target=_stream, args=(url, 64, s, f))
+                   for s, f in zip(streams, firsts)]
+        for t in threads:
+            t.start()
+        assert all(f.wait(60) for f in firsts)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            late = httpx.post(url + "/v1/completions", json={**LONG, "max_tokens": 2}, timeout=10)
+            assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
+        except httpx.ConnectError:
+            pass  # uvicorn had already closed its listening socket: refused, as it should be
+        for t in threads:
+            t.join(60)
+        for events in streams:
+            assert events[-1] == "[DONE]"
+            assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(60) == 0
+
+
+def test_sigterm_past_the_grace_time_gives_waiting_requests_a_503_body(tmp_path):
+    """8 streams fill the batch, 2 non-streamed requests wait behind them; past the grace time
+    every stream ends with an error event and [DONE], each waiting request gets a 503 body in
+    the OpenAI error shape, and the process exits 0."""
+    with serve_process(tmp_path / "log.txt", "--timeout-graceful-shutdown", "1") as (url, proc):
+        streams = [[] for _ in range(8)]
+        firsts = [threading.Event() for _ in streams]
+        threads = [threading.Thread(target=_stream, args=(url, 480, s, f))
+                   for s, f in zip(streams, firsts)]
+        for t in threads:
+            t.start()
+        assert all(f.wait(60) for f in firsts)
+        answers = []
+
+        def whole():
+            r = httpx.post(url + "/v1/completions", json=LONG, timeout=60)
+            answers.append((r.status_code, r.json()))
+
+        waiting = [threading.Thread(target=whole) for _ in range(2)]
+        for t in waiting:
+            t.start()
+        assert _wait_for(url, lambda g: g["waiting"] == 2)["waiting"] == 2
+        proc.send_signal(signal.SIGTERM)
+        for t in threads + waiting:
+            t.join(60)
+        for events in streams:
+            assert events[-1] == "[DONE]", events[-3:]
+            assert "shutting down" in json.loads(events[-2])["error"]["message"]
+        assert len(answers) == 2
+        for status, body in answers:
+            assert status == 503 and body["error"]["type"] == "server_error"
+            assert "shutting down" in body["error"]["message"]
+        assert proc.wait(60) == 0

@@ -1,7 +1,7 @@
 """Flag parsing with environment fallbacks, and the metrics arithmetic."""
 
 from engine.loop import FinishedStats, StepStats
-from engine.metrics import EngineMetrics
+from engine.metrics import EngineMetrics, build_1_2_5_buckets
 from server.cli import engine_config, parse_args
 
 
@@ -118,3 +118,24 @@ def test_api_keys_repeat_or_comma_separate_and_the_command_line_wins():
     args = parse_args(["--api-key", "a", "--api-key", "b"], environ={"LAYERSKIP_API_KEY": "k1"})
     assert args.api_key == ["a", "b"] and args.protect_metrics is False
     assert parse_args(["--protect-metrics"], environ={}).protect_metrics is True
+
+
+def test_request_histograms_observe_queue_time_and_token_counts_per_finished_request():
+    metrics = EngineMetrics("m", max_model_len=512)
+    metrics.observe_step(StepStats(finished=[FinishedStats(1.5, 0.1, 0.02, "length", 0.7, 23, 40),
+                                             FinishedStats(0.5, None, None, "abort", 0.5, 3, 0)]))
+    assert _value(metrics, "layerskip_request_queue_time_seconds_count") == 2
+    assert _value(metrics, "layerskip_request_queue_time_seconds_sum") == 1.2
+    assert _value(metrics, "layerskip_request_prompt_tokens_sum") == 26
+    assert _value(metrics, "layerskip_request_generation_tokens_sum") == 40
+    assert metrics.registry.get_sample_value("layerskip_request_generation_tokens_bucket",
+                                             {"model_name": "m", "le": "50.0"}) == 2
+    assert metrics.registry.get_sample_value("layerskip_request_queue_time_seconds_bucket",
+                                             {"model_name": "m", "le": "0.5"}) == 1
+    assert b"_created" not in metrics.render()
+
+
+def test_token_buckets_are_vllms_1_2_5_series_up_to_max_model_len():
+    assert build_1_2_5_buckets(512) == [1, 2, 5, 10, 20, 50, 100, 200, 500]
+    assert build_1_2_5_buckets(1000) == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+    assert build_1_2_5_buckets(1) == [1]

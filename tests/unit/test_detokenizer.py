@@ -71,3 +71,42 @@ def test_token_bytes_rebuild_multibyte_text_exactly():
     ids = tokenizer.encode(text)
     assert any(tokenizer.decode([i]) == "\ufffd" for i in ids)  # some tokens split a character
     assert b"".join(token_bytes(i) for i in ids) == text.encode("utf-8")
+
+
+@pytest.mark.parametrize("split", range(1, 8))
+def test_a_prompt_that_ends_inside_a_character_gives_it_to_the_completion(tokenizer, split):
+    """Prompt and output cut anywhere in a text with split characters: the echo of the prompt
+    plus the streamed deltas equal the whole decode, and no delta shows U+FFFD."""
+    from engine.detokenizer import decode_whole_characters, ends_inside_character
+
+    ids = tokenizer.encode(TEXTS[0])
+    prompt, output = ids[:split], ids[split:]
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    deltas = [detok.add([t], final=(i == len(output) - 1)) for i, t in enumerate(output)]
+    echo = decode_whole_characters(tokenizer, prompt)
+    assert echo + "".join(deltas) == TEXTS[0]
+    assert "\ufffd" not in echo and not any("\ufffd" in d for d in deltas)
+    assert ends_inside_character(tokenizer, prompt) == tokenizer.decode(prompt).endswith("\ufffd")
+
+
+def test_the_issues_prompt_7_2605_keeps_its_quote(tokenizer):
+    from engine.detokenizer import decode_whole_characters, ends_inside_character
+
+    assert tokenizer.decode([7, 2605]) == "'\ufffd" and ends_inside_character(tokenizer, [7, 2605])
+    assert decode_whole_characters(tokenizer, [7, 2605]) == "'"
+    rest = tokenizer.encode("’s")[1:]  # the tokens after the quote's first two bytes
+    assert tokenizer.encode("’s")[0] == 2605
+    detok = IncrementalDetokenizer(tokenizer, [7, 2605])
+    assert "".join(detok.add([t]) for t in rest) + detok.add([], final=True) == "’s"
+    # A prompt that never gets completed: the lone bytes come out as U+FFFD, once, at the end.
+    detok = IncrementalDetokenizer(tokenizer, [7, 2605])
+    assert detok.add(tokenizer.encode("x"), final=True) == "\ufffdx"
+
+
+def test_a_real_replacement_character_is_not_a_partial_one(tokenizer):
+    from engine.detokenizer import decode_whole_characters, ends_inside_character
+
+    ids = tokenizer.encode("x = '\ufffd'")[:-1]
+    assert tokenizer.decode(ids).endswith("\ufffd")
+    assert not ends_inside_character(tokenizer, ids)
+    assert decode_whole_characters(tokenizer, ids) == tokenizer.decode(ids)
