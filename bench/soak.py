@@ -139,21 +139,20 @@ class Soak:
         """Send one request and count what came back."""
         path, body = request_of(kind, self.prompts[index], self.model)
         self.requests[kind] += 1
+        answer = ""
         if kind in ("stream", "disconnect"):
             status, text = await self.stream(client, path, body, drop=kind == "disconnect")
         else:
             r = await client.post(self.url + path, json=body)
-            status, text = r.status_code, None
+            status, text, answer = r.status_code, None, r.text
             if status == 200:
                 data = r.json()
                 text = text_of(kind, data)
                 self.tokens += data["usage"]["completion_tokens"]
-            else:
-                body_text = r.text
         if status != 200:
             self.non_200[f"{kind}:{status}"] += 1
             if len(self.non_200_bodies) < 5:
-                self.non_200_bodies.append(f"{kind} {status}: {locals().get('body_text', '')[:300]}")
+                self.non_200_bodies.append(f"{kind} {status}: {answer[:300]}")
             return
         if kind in CHECKED:
             expected = await self.reference(client, kind, index)
@@ -173,7 +172,7 @@ class Soak:
                 if drop:
                     return 200, None
                 chunk = json.loads(line[6:])
-                if "error" in chunk:
+                if "error" in chunk:  # an error event inside a 200 stream counts as a failure
                     return 599, None
                 for choice in chunk["choices"]:
                     parts.append(choice["text"])
@@ -182,6 +181,7 @@ class Soak:
         return 200, "".join(parts)
 
     async def worker(self, client, deadline: float) -> None:
+        """One client of the closed loop: requests of random kinds until ``deadline``."""
         kinds, weights = list(self.mix), list(self.mix.values())
         while time.monotonic() < deadline:
             kind = self.rng.choices(kinds, weights)[0]
@@ -211,6 +211,7 @@ class Soak:
 
 
 def free_port() -> int:
+    """A free TCP port on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -263,6 +264,7 @@ def gauges(url: str) -> dict[str, float]:
 
 
 def model_name(url: str) -> str:
+    """The served model's name, from ``/v1/models``."""
     import httpx
 
     return httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]

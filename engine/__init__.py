@@ -1,4 +1,4 @@
-"""The batching engine: the middle of the flow in ARCHITECTURE.md §1.
+"""The batching engine: the middle of the flow in docs/ARCHITECTURE.md §1.
 
 ``client`` (the asyncio boundary) → ``loop`` (``step() = schedule → run → update → emit``) →
 ``scheduler`` (continuous batching over integers) and ``spec_decode`` (the self-speculative round

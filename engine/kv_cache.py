@@ -1,6 +1,6 @@
 """The KV cache: tensors in :class:`KVCache`, slot bookkeeping in plain integers in :class:`SlotAllocator`.
 
-Layout (ARCHITECTURE.md §2.1, as in gpt-fast's static cache): one preallocated key and one value
+Layout (docs/ARCHITECTURE.md §2.1, as in gpt-fast's static cache): one preallocated key and one value
 tensor per layer, ``(num_slots, num_kv_heads, max_len, head_dim)``. A sequence owns one slot (a
 row) for its life; its length is an integer on the host. Self-speculative rollback is assigning
 that integer: stale positions past it are masked by ``models.llama.AttentionBatch`` and

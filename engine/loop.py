@@ -1,4 +1,4 @@
-"""The engine core: ``step() = schedule → run → update → emit`` (ARCHITECTURE.md §1).
+"""The engine core: ``step() = schedule → run → update → emit`` (docs/ARCHITECTURE.md §1).
 
 :class:`EngineCore` is synchronous and single-threaded; :mod:`engine.client` runs it in its own
 thread. Tests drive it directly, step by step.

@@ -2,7 +2,7 @@
 
 A round can accept several tokens at once; EOS, a stop token, a stop string and ``max_tokens``
 cut that chunk exactly where they fall, and nothing after the cut is appended, counted, given
-logprobs or emitted (ARCHITECTURE.md §2). Stop strings are searched in the decoded text, also
+logprobs or emitted (docs/ARCHITECTURE.md §2). Stop strings are searched in the decoded text, also
 across token and chunk boundaries; the returned text ends before the stop string. While a
 request has stop strings, the last ``len(longest stop) − 1`` characters are held back from the
 stream (they could be the start of a stop string), as vLLM does, so that the concatenated deltas

@@ -1,6 +1,6 @@
 """The engine's request types: what comes in, the per-sequence state, and what goes out.
 
-One named type per boundary (ARCHITECTURE.md §4): ``EngineRequest`` (from the server) →
+One named type per boundary (docs/ARCHITECTURE.md §4): ``EngineRequest`` (from the server) →
 ``Sequence`` (engine state) → ``RequestOutput`` (a step's delta for one request).
 """
 

@@ -1,4 +1,4 @@
-"""The self-speculative round for a batch (ARCHITECTURE.md §2; LayerSkip, Elhoushi et al. 2024, §5).
+"""The self-speculative round for a batch (docs/ARCHITECTURE.md §2; LayerSkip, Elhoushi et al. 2024, §5).
 
 With exit layer ``E`` of ``L`` and ``k`` speculations, each running sequence, whose last token
 sits at position ``c = num_computed_tokens``:

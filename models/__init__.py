@@ -1,4 +1,4 @@
-"""Weights and math: the bottom of the flow in ARCHITECTURE.md §1.
+"""Weights and math: the bottom of the flow in docs/ARCHITECTURE.md §1.
 
 ``llama`` is our Llama forward with layer ranges over a shared KV cache; ``loader`` reads a local
 Hugging Face checkpoint folder; ``train`` and ``corpus`` are the LayerSkip recipe that built the

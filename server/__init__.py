@@ -1,6 +1,6 @@
 """The HTTP frontend (FastAPI, asyncio): OpenAI API, SSE, health and metrics.
 
-Sits at the top of the flow in ARCHITECTURE.md §1: it validates requests, turns them into
+Sits at the top of the flow in docs/ARCHITECTURE.md §1: it validates requests, turns them into
 ``engine.request.EngineRequest`` objects for ``engine.client.AsyncEngine`` and formats what comes
 back. It never imports torch.
 """

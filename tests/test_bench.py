@@ -28,7 +28,7 @@ def test_a_60_s_soak_has_no_errors_and_no_greedy_mismatches(tmp_path):
     waiting gauges are 0."""
     out = tmp_path / "soak.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--duration", "60",
-                           "--concurrency", "4", "--out", str(out)],
+                           "--num-prompts", "8", "--concurrency", "4", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
