@@ -32,7 +32,9 @@ over ``k ∈ 1..k_max`` and ``m`` drafting rows (the rows most likely to accept,
 never loses by the model's own measure). When plain wins for a group, a one-draft probe round runs
 after :data:`FIRST_PROBE_INTERVAL` rounds, the interval doubling on each probe that does not
 change the decision, up to :data:`MAX_PROBE_INTERVAL` — the evidence that lets a context whose
-drafts start to agree turn speculation back on. DEL (Zarch et al. 2025, arXiv 2504.05598) and
+drafts start to agree turn speculation back on — but never so often that the probes' extra time
+exceeds :data:`PROBE_BUDGET` of the plain rounds' (a model whose draft rounds cost twice a plain
+one probes at most every 100 rounds). DEL (Zarch et al. 2025, arXiv 2504.05598) and
 the SpecDec++ / BanditSpec line adapt the speculation length to context in the same spirit; this
 one prices it by measured time. Plain Python over numbers.
 """
@@ -49,6 +51,7 @@ PRIOR_WEIGHT = 2.0  # rounds' worth of prior in a sequence's estimate
 PRIOR_ALPHA = 0.5  # the batch prior before any evidence
 FIRST_PROBE_INTERVAL = 4  # plain rounds before a group probes with one draft
 MAX_PROBE_INTERVAL = 64
+PROBE_BUDGET = 0.01  # probes may cost at most this share of the plain rounds' time
 CALIBRATION_REPEATS = 3  # timed rounds per (batch size, k) at start-up, after one warm-up
 
 
@@ -276,12 +279,21 @@ class SpeculationController:
             group.plain_rounds, group.probe_interval = 0, FIRST_PROBE_INTERVAL
         else:
             group.plain_rounds += 1
-            if group.plain_rounds > group.probe_interval:  # probe: one draft for every row
+            if (group.plain_rounds > group.probe_interval
+                    and group.plain_rounds >= self._probe_spacing(exit_layer, B)):
                 group.plain_rounds = 0
                 group.probe_interval = min(2 * group.probe_interval, MAX_PROBE_INTERVAL)
                 k, m = 1, B
         chosen = set(order[:m])
         return [min(k, rooms[b]) if b in chosen else 0 for b in range(B)]
+
+    def _probe_spacing(self, exit_layer: int, batch_size: int) -> float:
+        """Plain rounds per probe that keep the probes within :data:`PROBE_BUDGET`."""
+        plain = self.costs.round(0, batch_size, 0)
+        probe = self.costs.round(exit_layer, batch_size, 1)
+        if not plain or probe is None:
+            return 0.0
+        return max(0.0, probe - plain) / plain / PROBE_BUDGET
 
     def _best(self, states, rooms, exit_layer, k_max) -> tuple[int, int, list[int]]:
         """``(k, m, rows by expected tokens)`` with the highest expected tokens per second."""

@@ -2,7 +2,7 @@
 
 import random
 
-from engine.speculation import (MAX_PROBE_INTERVAL, CostTable, SpeculationController, SpecState,
+from engine.speculation import (MAX_PROBE_INTERVAL, PROBE_BUDGET, CostTable, SpeculationController, SpecState,
                                 expected_tokens)
 
 L, E = 16, 4
@@ -136,3 +136,12 @@ def test_cost_table_interpolates_batch_sizes_and_other_exit_layers():
     for _ in range(100):  # the running mean turns into a moving average that follows load
         t.observe_round(0, 1, 0, 20.0)
     assert abs(t.round(0, 1, 0) - 20.0) < 0.01
+
+
+def test_expensive_probes_are_spaced_to_cost_at_most_the_probe_budget():
+    # SmolLM2-like: a one-draft round costs twice a plain step, and no draft is ever accepted.
+    costly = fake_costs(plain=10e-3, draft_step=5e-3, verify_base=13e-3, verify_per_token=1e-3)
+    c = controller(costly)
+    rate, chosen = simulate(c, [0.0] * 6, costly, rounds=2000)
+    assert 0 < sum(1 for k in chosen if k) <= 2000 * PROBE_BUDGET / 1.0 + 1
+    assert rate >= 0.98 * best_fixed([0.0] * 6, costly)[0]
