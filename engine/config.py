@@ -20,8 +20,9 @@ class EngineConfig:
         num_speculations: the most draft tokens per round ``k_max``; 0 turns speculation off
             (plain decoding); ``None`` takes ``num_assistant_tokens`` from the generation config,
             else :data:`DEFAULT_NUM_SPECULATIONS`.
-        adaptive_speculation: lower each sequence's drafts per round (down to 0) while its
-            acceptance is too low to pay (:mod:`engine.speculation`); False drafts ``k_max``.
+        adaptive_speculation: choose each round's drafts (``0..k_max``) from measured round
+            times and measured acceptance (:mod:`engine.speculation`; calibrated at start-up);
+            False drafts ``k_max`` every round.
         draft_vocab_size: the draft's LM head scores only this many most frequent tokens
             (FR-Spec); ``None`` takes the checkpoint's ``draft_vocab.json`` ``draft_vocab_size``
             if it ships one, else the full head; 0 is the full head.

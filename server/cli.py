@@ -23,8 +23,8 @@ FLAGS = (
     ("port", int, 8000, "port to bind"),
     ("exit-layer", int, None, "LayerSkip exit layer E (default: the checkpoint's)"),
     ("num-speculations", int, None, "most draft tokens per round; 0 turns speculation off"),
-    ("adaptive-speculation", "bool", True, "lower a sequence's drafts (to 0) while its acceptance "
-     "is too low to pay; off drafts num-speculations every round"),
+    ("adaptive-speculation", "bool", True, "choose each round's drafts (down to 0) from measured "
+     "round times and acceptance; off drafts num-speculations every round"),
     ("draft-vocab-size", int, None, "the draft's LM head scores only the N most frequent tokens "
      "(FR-Spec; default: the checkpoint's draft_vocab.json, else the full head; 0: full head)"),
     ("draft-token-counts", str, None, "token-counts JSON ranking the draft vocabulary (default: "

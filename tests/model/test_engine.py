@@ -184,3 +184,15 @@ def test_response_counts_only_emitted_drafts_while_step_stats_keep_the_verifiers
     rounds = (cut - 1) // 5 + 1  # the last one cut after its first (cut − 1) % 5 + 1 drafts
     assert outs[-1].num_accepted_tokens == cut - (rounds - 1)  # every emitted token but bonuses
     assert raw == 4 * rounds > outs[-1].num_accepted_tokens
+
+
+def test_the_bundled_draft_vocabulary_and_bad_settings(bundled_model, make_core, tmp_path):
+    core = make_core(model=bundled_model, num_speculations=0)
+    assert core.draft_vocab_size == 3072 == len(core.model.draft_ids)  # draft_vocab.json's N
+    assert make_core(model=bundled_model, num_speculations=0, draft_vocab_size=0).model.draft_ids is None
+    with pytest.raises(ValueError, match="draft_vocab_size must be in"):
+        make_core(model=bundled_model, draft_vocab_size=5000)
+    bad = tmp_path / "counts.json"
+    bad.write_text('{"counts": [1, -2]}')
+    with pytest.raises(ValueError, match="counts"):
+        make_core(model=bundled_model, draft_token_counts=str(bad), draft_vocab_size=10)

@@ -14,6 +14,14 @@ def test_flags_read_the_environment_and_the_command_line_wins():
     assert config.num_speculations == 0 and config.model.endswith("layerskip-stdlib")
 
 
+def test_draft_vocabulary_flags_and_their_environment_twins():
+    args = parse_args(["--draft-token-counts", "/tmp/c.json"],
+                      environ={"LAYERSKIP_DRAFT_VOCAB_SIZE": "1024"})
+    config = engine_config(args)
+    assert config.draft_vocab_size == 1024 and config.draft_token_counts == "/tmp/c.json"
+    assert engine_config(parse_args([], environ={})).draft_vocab_size is None
+
+
 def test_empty_environment_values_are_unset_and_bad_ones_are_named(capsys):
     import pytest
 
