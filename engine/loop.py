@@ -263,7 +263,8 @@ class EngineCore:
         outputs = [self._emit(seq, out, row, stats) for seq, out, row in results]
         if sched.decode and not sched.prefill:
             self.policy.observe_step(len(sched.decode),
-                                     time.perf_counter() - start - self._round_seconds)
+                                     time.perf_counter() - start - self._round_seconds,
+                                     _sampled(sched.decode))
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
         return outputs, stats
@@ -303,7 +304,8 @@ class EngineCore:
         for exit_layer, rows in by_exit.items():
             planned = self.policy.plan([seqs[i].spec for i in rows],
                                        [self._room(seqs[i], self.num_speculations) for i in rows],
-                                       exit_layer, self.num_speculations)
+                                       exit_layer, self.num_speculations,
+                                       _sampled([seqs[i] for i in rows]))
             for i, k in zip(rows, planned):
                 ks[i] = k
         return ks
@@ -347,7 +349,8 @@ class EngineCore:
         seconds = time.perf_counter() - started
         self._round_seconds += seconds
         E = (exit_layer or self.exit_layer) if k else 0
-        self.policy.observe_round(E, len(group), k, seconds, *(self.runner.last_timing or (None, None)))
+        self.policy.observe_round(E, len(group), k, seconds,
+                                  *(self.runner.last_timing or (None, None)), _sampled(group))
         stats.rounds[(E, k)] = stats.rounds.get((E, k), 0) + 1
         if k and E == self.exit_layer:
             stats.draft_verify_cost_ratio = self.policy.costs.cost_ratio(E, len(group), k)
@@ -425,6 +428,11 @@ def _finished_stats(seq: Sequence, now: float) -> FinishedStats:
     n = seq.num_output_tokens
     tpot = (now - seq.first_token_time) / (n - 1) if n > 1 and seq.first_token_time else None
     return FinishedStats(now - arrival, ttft, tpot, seq.status.finish_reason or "")
+
+
+def _sampled(seqs: list[Sequence]) -> bool:
+    """Whether a round over ``seqs`` samples or penalises (the controller prices those apart)."""
+    return any(not s.request.sampling.greedy or s.request.sampling.has_penalties for s in seqs)
 
 
 def _pick(explicit, from_checkpoint, fallback):

@@ -14,6 +14,8 @@ transfer) are a large share of a small draft step. So both sides are measured:
   other batch sizes interpolate until measured. The engine's own per-step work outside the rounds
   (stop checks, detokenizing) is timed too and added to every option, since longer rounds
   amortise it.
+  Sampled rounds are priced from a table of their own (falling back to the greedy one times the
+  measured sampled / greedy ratio).
 - **Acceptance from the data** (:class:`SpecState`): per sequence and per draft position ``i``,
   moving averages of how often position ``i`` was examined and accepted, so ``α_i`` is the
   acceptance of draft ``i`` given drafts ``1..i−1`` were accepted; shrunk towards a prior, the
@@ -34,7 +36,8 @@ after :data:`FIRST_PROBE_INTERVAL` rounds, the interval doubling on each probe t
 change the decision, up to :data:`MAX_PROBE_INTERVAL` — the evidence that lets a context whose
 drafts start to agree turn speculation back on — but never so often that the probes' extra time
 exceeds :data:`PROBE_BUDGET` of the plain rounds' (a model whose draft rounds cost twice a plain
-one probes at most every 100 rounds). DEL (Zarch et al. 2025, arXiv 2504.05598) and
+one probes at most every 100 rounds). Likewise every :data:`LONGER_PROBE_INTERVAL` drafting
+rounds one drafts one token more than chosen, so the next position's acceptance stays measured. DEL (Zarch et al. 2025, arXiv 2504.05598) and
 the SpecDec++ / BanditSpec line adapt the speculation length to context in the same spirit; this
 one prices it by measured time. Plain Python over numbers.
 """
@@ -51,6 +54,7 @@ PRIOR_WEIGHT = 2.0  # rounds' worth of prior in a sequence's estimate
 PRIOR_ALPHA = 0.5  # the batch prior before any evidence
 FIRST_PROBE_INTERVAL = 4  # plain rounds before a group probes with one draft
 MAX_PROBE_INTERVAL = 64
+LONGER_PROBE_INTERVAL = 16  # drafting rounds between rounds that try one more draft
 PROBE_BUDGET = 0.01  # probes may cost at most this share of the plain rounds' time
 CALIBRATION_REPEATS = 3  # timed rounds per (batch size, k) at start-up, after one warm-up
 
@@ -93,8 +97,9 @@ class SpecState:
 
 
 class AcceptancePrior:
-    """The batch's recent per-position acceptance: EMAs over every row-round observed; a position
-    never examined takes the rate of the one before it."""
+    """The batch's recent per-position acceptance: EMAs over every row-round observed; each
+    position's rate is shrunk towards the one before it (by :data:`PRIOR_WEIGHT` rounds), so a
+    position seldom examined is not judged on a handful of rounds."""
 
     def __init__(self, alpha: float = PRIOR_ALPHA, weight: float = PRIOR_WEIGHT):
         self.accepted, self.examined = [alpha * weight], [weight]
@@ -115,8 +120,8 @@ class AcceptancePrior:
         """``n`` per-position rates."""
         out, last = [], PRIOR_ALPHA
         for i in range(n):
-            if i < len(self.examined) and self.examined[i] > 0.05:
-                last = self.accepted[i] / self.examined[i]
+            if i < len(self.examined):
+                last = (self.accepted[i] + PRIOR_WEIGHT * last) / (self.examined[i] + PRIOR_WEIGHT)
             out.append(last)
         return out
 
@@ -148,10 +153,17 @@ class CostTable:
     ones with the same ``(exit_layer, k)`` (proportionally beyond the largest); an unmeasured
     exit layer takes the engine's exit layer's figure plus ``k`` draft steps' worth of the
     per-layer cost difference (``(plain − draft step) / (L − E₀)`` per layer).
+
+    Sampled rounds (temperature, penalties, truncation) cost more than greedy ones, by a different
+    share at each ``k``, so they keep their own table, with ``fallback`` the greedy one: an entry
+    not measured in sampled mode is the greedy entry times the running mean of measured sampled /
+    greedy ratios.
     """
 
-    def __init__(self, num_layers: int, exit_layer: int):
+    def __init__(self, num_layers: int, exit_layer: int, fallback: CostTable | None = None):
         self.num_layers, self.exit_layer = num_layers, exit_layer
+        self.fallback = fallback
+        self.factor = [1.0, 0.0]  # sampled / greedy: [mean, count]
         self.rounds: dict[tuple[int, int], dict[int, list[float]]] = {}  # (E, k) -> B -> [mean, n]
         self.steps: dict[int, list[float]] = {}
         self.draft_step: dict[tuple[int, int], list[float]] = {}  # (E, B) -> one draft step
@@ -167,6 +179,10 @@ class CostTable:
                       draft_step: float | None = None, verify: float | None = None) -> None:
         """A round's wall time (seconds); optionally its per-call breakdown (one draft step, the
         verify call), for the cost-ratio gauge and the benchmark's ideal speedup."""
+        greedy = self.fallback.round(exit_layer, batch_size, k) if self.fallback else None
+        if greedy:
+            self.factor[1] += 1
+            self.factor[0] += (seconds / greedy - self.factor[0]) / min(self.factor[1], COST_MEMORY)
         self._add(self.rounds.setdefault((exit_layer if k else 0, k), {}), batch_size, seconds)
         if k and draft_step is not None:
             self._add(self.draft_step, (exit_layer, batch_size), draft_step)
@@ -179,13 +195,19 @@ class CostTable:
 
     def step_overhead(self, batch_size: int) -> float:
         """The step's time outside its rounds (seconds; 0 until measured)."""
-        return _interpolate(self.steps, batch_size) or 0.0
+        value = _interpolate(self.steps, batch_size)
+        if value is None and self.fallback is not None:
+            return self.fallback.step_overhead(batch_size)
+        return value or 0.0
 
     def round(self, exit_layer: int, batch_size: int, k: int) -> float | None:
         """Predicted seconds of a round of ``k`` drafts for ``batch_size`` rows (0 rows: 0)."""
         if batch_size <= 0:
             return 0.0
         value = _interpolate(self.rounds.get((exit_layer if k else 0, k), {}), batch_size)
+        if value is None and self.fallback is not None:
+            greedy = self.fallback.round(exit_layer, batch_size, k)
+            return None if greedy is None else greedy * self.factor[0]
         if value is not None or not k or exit_layer == self.exit_layer:
             return value
         base = self.round(self.exit_layer, batch_size, k)
@@ -229,6 +251,7 @@ def _interpolate(known: dict[int, list[float]], x: int) -> float | None:
 
 @dataclass
 class _GroupState:
+    drafting_rounds: int = 0
     plain_rounds: int = 0
     probe_interval: int = FIRST_PROBE_INTERVAL
 
@@ -245,6 +268,7 @@ class SpeculationController:
     def __init__(self, num_layers: int, exit_layer: int, adaptive: bool = True):
         self.adaptive = adaptive
         self.costs = CostTable(num_layers, exit_layer)
+        self.sampled_costs = CostTable(num_layers, exit_layer, fallback=self.costs)
         self.prior = AcceptancePrior()
         self._groups: dict[int, _GroupState] = {}
 
@@ -260,8 +284,8 @@ class SpeculationController:
                 seconds, draft, verify = runs[len(runs) // 2]
                 self.costs.observe_round(exit_layer, B, k, seconds, draft, verify)
 
-    def plan(self, states: list[SpecState], rooms: list[int], exit_layer: int, k_max: int
-             ) -> list[int]:
+    def plan(self, states: list[SpecState], rooms: list[int], exit_layer: int, k_max: int,
+             sampled: bool = False) -> list[int]:
         """Each row's ``k`` this round (0 for rows that decode plainly, else the group's ``k``).
 
         Args:
@@ -269,35 +293,41 @@ class SpeculationController:
             rooms: the most drafts each row may use (its remaining tokens less one).
             exit_layer: the group's ``E``.
             k_max: the most drafts per round.
+            sampled: whether the round samples (prices it from the sampled-round table).
         """
         B = len(states)
         if not self.adaptive or k_max == 0 or not B:
             return [min(k_max, r) for r in rooms]
-        k, m, order = self._best(states, rooms, exit_layer, k_max)
+        costs = self.sampled_costs if sampled else self.costs
+        k, m, order = self._best(states, rooms, exit_layer, k_max, costs)
         group = self._groups.setdefault(exit_layer, _GroupState())
         if k:
             group.plain_rounds, group.probe_interval = 0, FIRST_PROBE_INTERVAL
+            group.drafting_rounds += 1
+            if k < k_max and group.drafting_rounds % LONGER_PROBE_INTERVAL == 0:
+                k += 1  # keep the next position's acceptance measured, or it is never tried
         else:
             group.plain_rounds += 1
             if (group.plain_rounds > group.probe_interval
-                    and group.plain_rounds >= self._probe_spacing(exit_layer, B)):
+                    and group.plain_rounds >= self._probe_spacing(exit_layer, B, costs)):
                 group.plain_rounds = 0
                 group.probe_interval = min(2 * group.probe_interval, MAX_PROBE_INTERVAL)
                 k, m = 1, B
         chosen = set(order[:m])
         return [min(k, rooms[b]) if b in chosen else 0 for b in range(B)]
 
-    def _probe_spacing(self, exit_layer: int, batch_size: int) -> float:
+    @staticmethod
+    def _probe_spacing(exit_layer: int, batch_size: int, costs: CostTable) -> float:
         """Plain rounds per probe that keep the probes within :data:`PROBE_BUDGET`."""
-        plain = self.costs.round(0, batch_size, 0)
-        probe = self.costs.round(exit_layer, batch_size, 1)
+        plain = costs.round(0, batch_size, 0)
+        probe = costs.round(exit_layer, batch_size, 1)
         if not plain or probe is None:
             return 0.0
         return max(0.0, probe - plain) / plain / PROBE_BUDGET
 
-    def _best(self, states, rooms, exit_layer, k_max) -> tuple[int, int, list[int]]:
+    def _best(self, states, rooms, exit_layer, k_max, c: CostTable) -> tuple[int, int, list[int]]:
         """``(k, m, rows by expected tokens)`` with the highest expected tokens per second."""
-        B, c = len(states), self.costs
+        B = len(states)
         prior = self.prior.rates(k_max)
         cums = [_cumulative_tokens(s.alphas(prior)) for s in states]  # [k] -> E[tokens | k]
         gains = {k: [cum[min(k, r)] for cum, r in zip(cums, rooms)] for k in range(1, k_max + 1)}
@@ -328,11 +358,13 @@ class SpeculationController:
         self.prior.observe(k, num_accepted)
 
     def observe_round(self, exit_layer: int, batch_size: int, k: int, seconds: float,
-                      draft_step: float | None = None, verify: float | None = None) -> None:
-        """A round's measured time (see :meth:`CostTable.observe_round`)."""
-        self.costs.observe_round(exit_layer, batch_size, k, seconds, draft_step, verify)
+                      draft_step: float | None = None, verify: float | None = None,
+                      sampled: bool = False) -> None:
+        """A round's measured time (see :meth:`CostTable.observe_round`), greedy or sampled."""
+        table = self.sampled_costs if sampled else self.costs
+        table.observe_round(exit_layer, batch_size, k, seconds, draft_step, verify)
 
-    def observe_step(self, batch_size: int, seconds: float) -> None:
+    def observe_step(self, batch_size: int, seconds: float, sampled: bool = False) -> None:
         """A decode step's time outside its rounds (see :meth:`CostTable.observe_step`)."""
-        self.costs.observe_step(batch_size, seconds)
+        (self.sampled_costs if sampled else self.costs).observe_step(batch_size, seconds)
 

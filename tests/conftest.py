@@ -92,7 +92,7 @@ def scripted_plan(core, seed: int = 0):
     """Replace the controller's plan with random per-row ``k`` in ``0..k_max`` every round, so
     rows switch between plain decoding and every draft length mid-sequence."""
     rng = random.Random(seed)
-    core.policy.plan = lambda states, rooms, exit_layer, k_max: [
+    core.policy.plan = lambda states, rooms, exit_layer, k_max, sampled=False: [
         min(rng.randint(0, k_max), r) for r in rooms]
     return core
 

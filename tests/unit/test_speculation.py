@@ -145,3 +145,13 @@ def test_expensive_probes_are_spaced_to_cost_at_most_the_probe_budget():
     rate, chosen = simulate(c, [0.0] * 6, costly, rounds=2000)
     assert 0 < sum(1 for k in chosen if k) <= 2000 * PROBE_BUDGET / 1.0 + 1
     assert rate >= 0.98 * best_fixed([0.0] * 6, costly)[0]
+
+
+def test_sampled_rounds_are_priced_apart_falling_back_to_greedy_times_the_measured_ratio():
+    cheap = fake_costs(plain=10e-3, draft_step=2e-3, verify_base=9e-3, verify_per_token=1e-3)
+    c = controller(cheap)
+    greedy_k2 = c.costs.round(E, 1, 2)
+    c.observe_round(E, 1, 2, 2 * greedy_k2, sampled=True)
+    assert c.sampled_costs.round(E, 1, 2) == 2 * greedy_k2
+    assert abs(c.sampled_costs.round(0, 1, 0) - 2 * c.costs.round(0, 1, 0)) < 1e-12
+    assert c.costs.round(E, 1, 2) == greedy_k2  # the greedy table is untouched
