@@ -20,8 +20,14 @@ class EngineConfig:
         num_speculations: the most draft tokens per round ``k_max``; 0 turns speculation off
             (plain decoding); ``None`` takes ``num_assistant_tokens`` from the generation config,
             else :data:`DEFAULT_NUM_SPECULATIONS`.
-        adaptive_speculation: lower each sequence's drafts per round (down to 0) while its
-            acceptance is too low to pay (:mod:`engine.speculation`); False drafts ``k_max``.
+        adaptive_speculation: choose each round's drafts (``0..k_max``) from measured round
+            times and measured acceptance (:mod:`engine.speculation`; calibrated at start-up);
+            False drafts ``k_max`` every round.
+        draft_vocab_size: the draft's LM head scores only this many most frequent tokens
+            (FR-Spec); ``None`` takes the checkpoint's ``draft_vocab.json`` ``draft_vocab_size``
+            if it ships one, else the full head; 0 is the full head.
+        draft_token_counts: a token-counts file (``models.draft_vocab``) ranking the tokens;
+            ``None`` takes the checkpoint folder's ``draft_vocab.json`` if any.
         max_num_seqs: sequences decoded together (one KV cache slot each).
         max_num_batched_tokens: prompt tokens prefilled per step (tokens), at least one prompt.
         max_model_len: prompt plus completion limit (tokens); ``None`` takes the model's
@@ -37,6 +43,8 @@ class EngineConfig:
     exit_layer: int | None = None
     num_speculations: int | None = None
     adaptive_speculation: bool = True
+    draft_vocab_size: int | None = None
+    draft_token_counts: str | None = None
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None

@@ -26,7 +26,8 @@ from engine.request import (EngineRequest, InvalidRequestError, RequestOutput, S
 from engine.sampler import SamplingBatch
 from engine.scheduler import Scheduler
 from engine.spec_decode import RoundOutput, SpecDecodeRunner
-from engine.speculation import SpeculationPolicy, SpecState
+from engine.speculation import SpeculationController, SpecState
+from models.draft_vocab import DRAFT_VOCAB_FILE, coverage, load_counts, top_tokens
 from models.loader import load_checkpoint, read_config
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,16 @@ class StepStats:
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+    """Per draft position ``i`` (0-based), the rows whose draft ``i + 1`` the verifier accepted
+    (vLLM's raw per-position counts: a draft later cut by a stop still counts)."""
+    num_examined_per_pos: list[int] = field(default_factory=list)
+    """Per draft position ``i``, the rows whose draft ``i + 1`` the verifier examined (all drafts
+    before it accepted): ``accepted / examined`` is the acceptance at that position."""
+    rounds: dict[tuple[int, int], int] = field(default_factory=dict)
+    """Rounds run per ``(exit_layer, k)`` (one per group; ``k = 0``: plain, exit layer 0)."""
+    draft_verify_cost_ratio: float | None = None
+    """The controller's measured draft step over verify call at the engine's exit layer."""
     num_running: int = 0
     num_waiting: int = 0
     finished: list[FinishedStats] = field(default_factory=list)
@@ -103,11 +114,15 @@ class EngineCore:
             raise ValueError(f"num_speculations must be in 0..{MAX_NUM_SPECULATIONS}, "
                              f"got {self.num_speculations}")
         self.eos_token_ids = _eos_ids(gen_cfg, self.tokenizer)
+        self.draft_vocab_size = self._set_draft_vocab()
         s = self.model.shape
         self.cache = KVCache(L, config.max_num_seqs, s.num_kv_heads, cache_len, s.head_dim,
                              self.model.dtype, self.model.device)
         self.runner = SpecDecodeRunner(self.model, self.cache)
-        self.policy = SpeculationPolicy(L, _head_cost(self.model), config.adaptive_speculation)
+        self.policy = SpeculationController(L, self.exit_layer, config.adaptive_speculation)
+        self._round_seconds = 0.0  # time inside decode rounds during the current step
+        if config.adaptive_speculation and self.num_speculations:
+            self._calibrate()
         self.generator = torch.Generator(device=self.model.device).manual_seed(config.seed)
         self._token_text = functools.lru_cache(maxsize=1 << 16)(
             lambda i: self.tokenizer.decode([i], clean_up_tokenization_spaces=False))
@@ -119,6 +134,51 @@ class EngineCore:
         logger.info("engine ready: %d layers, exit_layer=%d, num_speculations=%d, "
                     "max_model_len=%d, KV cache %.1f MiB", L, self.exit_layer,
                     self.num_speculations, self.max_model_len, self.cache.nbytes / 2**20)
+
+    def _set_draft_vocab(self) -> int:
+        """FR-Spec: restrict the draft's head to the most frequent tokens of the configured (or
+        the checkpoint's ``draft_vocab.json``) counts, EOS always kept; return its size.
+
+        Raises:
+            ValueError: a size out of ``0..V``, a size without counts, or a bad counts file.
+        """
+        cfg, V = self.config, self.model.shape.vocab_size
+        path, size = cfg.draft_token_counts, cfg.draft_vocab_size
+        shipped = Path(cfg.model) / DRAFT_VOCAB_FILE
+        if path is None and shipped.is_file():
+            path = str(shipped)
+        if size is not None and not 0 <= size <= V:
+            raise ValueError(f"draft_vocab_size must be in 0..{V}, got {size}")
+        if size and path is None:
+            raise ValueError("draft_vocab_size needs token counts (draft_token_counts)")
+        if path is None or size == 0:
+            return V
+        counts, shipped_size = load_counts(path)
+        size = size or shipped_size
+        if not size:
+            return V
+        ids = top_tokens(counts, size, V, self.eos_token_ids)
+        self.model.set_draft_vocab(ids)
+        logger.info("draft vocabulary: %d of %d tokens (%s, %.1f %% of its counted tokens)",
+                    len(ids), V, path, 100 * coverage(counts, ids))
+        return len(ids)
+
+    def _calibrate(self) -> None:
+        """Seed the controller's cost table with timed dummy rounds (every slot is free now, and
+        a slot's stale KV is masked until overwritten, so they leave nothing behind)."""
+        n = self.config.max_num_seqs
+        sizes = sorted({b for b in (n, *(1 << i for i in range(7))) if b <= min(n, 64)})
+        pos, E = min(32, self.max_model_len - 1), self.exit_layer
+
+        def time_round(B: int, k: int):
+            start = time.perf_counter()
+            self.runner.decode_round(list(range(B)), [0] * B, [pos] * B, E, k)
+            return (time.perf_counter() - start, *(self.runner.last_timing or (None, None)))
+
+        start = time.perf_counter()
+        self.policy.calibrate(time_round, sizes, E, self.num_speculations)
+        logger.info("speculation costs calibrated in %.2f s (batch sizes %s, k 0..%d)",
+                    time.perf_counter() - start, sizes, self.num_speculations)
 
     @property
     def vocab_size(self) -> int:
@@ -197,6 +257,8 @@ class EngineCore:
 
     def step(self) -> tuple[list[RequestOutput], StepStats]:
         """Admit, prefill the new sequences, run one round for the others, emit outputs."""
+        start = time.perf_counter()
+        self._round_seconds = 0.0
         sched = self.scheduler.schedule()
         admitted = time.monotonic()
         for seq in sched.prefill:
@@ -215,6 +277,10 @@ class EngineCore:
         if sched.decode:
             results.extend(self._decode(sched.decode, stats))
         outputs = [self._emit(seq, out, row, stats) for seq, out, row in results]
+        if sched.decode and not sched.prefill:
+            self.policy.observe_step(len(sched.decode),
+                                     time.perf_counter() - start - self._round_seconds,
+                                     _sampled(sched.decode))
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
         return outputs, stats
@@ -240,17 +306,25 @@ class EngineCore:
             [s.token_ids[:s.num_prompt_tokens] for s in seqs], [s.output_token_ids for s in seqs],
             self.vocab_size, self.model.device, self.generator)
 
-    def _plan(self, seq: Sequence) -> tuple[int, int]:
-        """A sequence's ``(exit_layer, k)`` this round: its own or the engine's exit layer; a
-        fixed ``k`` if the request set one, else the policy's; never more drafts than it may
-        still emit (a round gives ``k + 1`` tokens)."""
-        req = seq.request
-        exit_layer = req.exit_layer or self.exit_layer
-        if req.num_speculations is not None:
-            k = req.num_speculations
-        else:
-            k = self.policy.choose(seq.spec, self.num_speculations, exit_layer)
-        return exit_layer, self._room(seq, k)
+    def _plan(self, seqs: list[Sequence]) -> list[int]:
+        """Each sequence's ``k`` this round: the request's own, else the controller's (planned
+        per exit layer: the request's, else the engine's); never more drafts than it may still
+        emit (a round gives ``k + 1`` tokens)."""
+        ks = [0] * len(seqs)
+        by_exit: dict[int, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            if seq.request.num_speculations is not None:
+                ks[i] = self._room(seq, seq.request.num_speculations)
+            else:
+                by_exit.setdefault(seq.request.exit_layer or self.exit_layer, []).append(i)
+        for exit_layer, rows in by_exit.items():
+            planned = self.policy.plan([seqs[i].spec for i in rows],
+                                       [self._room(seqs[i], self.num_speculations) for i in rows],
+                                       exit_layer, self.num_speculations,
+                                       _sampled([seqs[i] for i in rows]))
+            for i, k in zip(rows, planned):
+                ks[i] = k
+        return ks
 
     @staticmethod
     def _room(seq: Sequence, k: int) -> int:
@@ -259,37 +333,61 @@ class EngineCore:
 
     def _decode(self, seqs: list[Sequence], stats: StepStats):
         """One round per group: the plain sequences together, the drafting ones by exit layer
-        (the group drafting the largest ``k`` any of its sequences chose)."""
-        plans = [self._plan(s) for s in seqs]
+        (the group drafting the largest ``k`` any of its sequences has)."""
+        ks = self._plan(seqs)
         groups: dict[int | None, list[int]] = {}
-        for i, (exit_layer, k) in enumerate(plans):
-            groups.setdefault(exit_layer if k else None, []).append(i)
+        for i, (seq, k) in enumerate(zip(seqs, ks)):
+            groups.setdefault((seq.request.exit_layer or self.exit_layer) if k else None,
+                              []).append(i)
         results = []
         for exit_layer, members in groups.items():
-            group = [seqs[i] for i in members]
-            # The group drafts its largest k for every row; a row whose k the policy chose may use
-            # all of those drafts (free, and exact for any k fixed before drafting) up to what it
-            # may still emit. A k the request fixed is kept.
-            k = max(plans[i][1] for i in members)
-            ks = [plans[i][1] if seqs[i].request.num_speculations is not None or not exit_layer
-                  else self._room(seqs[i], k) for i in members]
-            out = self.runner.decode_round(
-                [s.slot for s in group], [s.token_ids[-1] for s in group],
-                [s.num_computed_tokens for s in group], exit_layer or self.exit_layer, max(ks),
-                self._sampling(group), ks, [s.request.sampling.logprobs for s in group])
-            for row, (seq, k) in enumerate(zip(group, ks)):
-                j = out.num_accepted[row]
-                seq.num_computed_tokens += j + 1  # rollback: drafts past j are stale and masked
-                if k:
-                    self.policy.observe(seq.spec, k, j, self.num_speculations,
-                                        exit_layer or self.exit_layer)
-                    seq.num_drafts += 1
-                    seq.num_draft_tokens += k
-                    seq.num_accepted_tokens += j
-                    stats.num_drafts += 1
-                    stats.num_draft_tokens += k
-                    stats.num_accepted_tokens += j
-                results.append((seq, out, row))
+            results += self._round(exit_layer, [seqs[i] for i in members],
+                                   [ks[i] for i in members], stats)
+        return results
+
+    def _round(self, exit_layer: int | None, group: list[Sequence], ks: list[int],
+               stats: StepStats):
+        """Run one group's round, time it for the controller, and move each row's KV length.
+
+        The group drafts its largest k for every row; a row whose k the controller chose may use
+        all of those drafts (free, and exact for any k fixed before drafting) up to what it may
+        still emit. A k the request fixed is kept.
+        """
+        if exit_layer:
+            ks = [k if s.request.num_speculations is not None else self._room(s, max(ks))
+                  for s, k in zip(group, ks)]
+        k = max(ks)
+        started = time.perf_counter()
+        out = self.runner.decode_round(
+            [s.slot for s in group], [s.token_ids[-1] for s in group],
+            [s.num_computed_tokens for s in group], exit_layer or self.exit_layer, k,
+            self._sampling(group), ks, [s.request.sampling.logprobs for s in group])
+        seconds = time.perf_counter() - started
+        self._round_seconds += seconds
+        E = (exit_layer or self.exit_layer) if k else 0
+        self.policy.observe_round(E, len(group), k, seconds,
+                                  *(self.runner.last_timing or (None, None)), _sampled(group))
+        stats.rounds[(E, k)] = stats.rounds.get((E, k), 0) + 1
+        if k and E == self.exit_layer:
+            stats.draft_verify_cost_ratio = self.policy.costs.cost_ratio(E, len(group), k)
+        per_pos, examined = stats.num_accepted_tokens_per_pos, stats.num_examined_per_pos
+        per_pos += [0] * (k - len(per_pos))
+        examined += [0] * (k - len(examined))
+        results = []
+        for row, (seq, k_row) in enumerate(zip(group, ks)):
+            j = out.num_accepted[row]
+            seq.num_computed_tokens += j + 1  # rollback: drafts past j are stale and masked
+            self.policy.observe(seq.spec, k_row, j)
+            if k_row:
+                seq.num_drafts += 1
+                seq.num_draft_tokens += k_row
+                stats.num_drafts += 1
+                stats.num_draft_tokens += k_row
+                stats.num_accepted_tokens += j
+                for i in range(min(j + 1, k_row)):
+                    examined[i] += 1
+                    per_pos[i] += i < j
+            results.append((seq, out, row))
         return results
 
     def _emit(self, seq: Sequence, out: RoundOutput, row: int, stats: StepStats) -> RequestOutput:
@@ -299,6 +397,7 @@ class EngineCore:
         detok = self.detokenizers[seq.request_id]
         tokens = out.tokens[row] if seq.request.max_tokens > 0 else []
         kept = append_with_stops(seq, tokens, self.eos_token_ids, detok)
+        seq.num_accepted_tokens += min(out.num_accepted[row], len(kept))  # drafts emitted
         if seq.request.max_tokens == 0:
             seq.status = SequenceStatus.FINISHED_LENGTH
         stats.num_generation_tokens += len(kept)
@@ -349,17 +448,16 @@ def _finished_stats(seq: Sequence, now: float) -> FinishedStats:
                          seq.num_prompt_tokens, n)
 
 
+def _sampled(seqs: list[Sequence]) -> bool:
+    """Whether a round over ``seqs`` samples or penalises (the controller prices those apart)."""
+    return any(not s.request.sampling.greedy or s.request.sampling.has_penalties for s in seqs)
+
+
 def _pick(explicit, from_checkpoint, fallback):
     """An explicit setting, else the checkpoint's, else a fallback."""
     if explicit is not None:
         return explicit
     return from_checkpoint if from_checkpoint is not None else fallback
-
-
-def _head_cost(model) -> float:
-    """The LM head's parameters over one decoder layer's (its cost in layers at batch 1)."""
-    layer = sum(t.numel() for t in model.layers[0].values() if torch.is_tensor(t))
-    return model.lm_head.numel() / layer
 
 
 def _eos_ids(gen_cfg: dict, tokenizer) -> frozenset[int]:

@@ -8,6 +8,13 @@ figures are best computed in PromQL from the raw counters:
   / rate(layerskip_spec_decode_num_draft_tokens_total[1m])``
 - mean accepted length (tokens per round): ``1 + rate(..._num_accepted_tokens_total[1m])
   / rate(layerskip_spec_decode_num_drafts_total[1m])``
+- acceptance at draft position ``i`` (given the drafts before it were accepted):
+  ``rate(..._num_accepted_tokens_per_pos_total{position="i"}[1m])
+  / rate(..._num_accepted_tokens_per_pos_total{position="i-1"}[1m])`` (``position="0"`` over
+  ``rate(layerskip_spec_decode_num_drafts_total[1m])``)
+- share of rounds that drafted ``k``: ``sum by (num_speculations)
+  (rate(layerskip_spec_decode_rounds_total[5m])) / ignoring(num_speculations) group_left
+  sum(rate(layerskip_spec_decode_rounds_total[5m]))``
 - tokens/s: ``rate(layerskip_generation_tokens_total[1m])``
 - inter-token latency p90: ``histogram_quantile(0.9, sum by (le)
   (rate(layerskip_inter_token_latency_seconds_bucket[1m])))``
@@ -23,6 +30,10 @@ vLLM does), so a scrape carries only the samples dashboards read.
 Two gauges give the same over the last ``window_seconds`` for dashboards without PromQL:
 ``layerskip_spec_decode_acceptance_rate`` (accepted / drafted tokens, the bonus token never
 counted, so always in [0, 1]) and ``layerskip_generation_tokens_per_second``.
+
+The spec-decode counters are the verifier's raw counts (as vLLM's): a draft accepted by the
+verifier and then cut by a stop string, EOS or ``max_tokens`` still counts. The per-response
+``spec_decode`` field counts only accepted drafts that were emitted.
 """
 
 from __future__ import annotations
@@ -95,6 +106,18 @@ class EngineMetrics:
         self.num_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens proposed.")
         self.num_accepted_tokens = counter("spec_decode_num_accepted_tokens",
                                            "Draft tokens accepted (bonus tokens not counted).")
+        self.accepted_per_pos = Counter(
+            "layerskip_spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted at each draft position (0-based; vLLM's name).",
+            labels + ["position"], registry=r)
+        self.rounds = Counter(
+            "layerskip_spec_decode_rounds",
+            "Rounds run (one per drafting group) by the number of drafts chosen and the exit layer "
+            "(num_speculations 0: plain decoding, exit_layer 0).",
+            labels + ["exit_layer", "num_speculations"], registry=r)
+        self.cost_ratio = gauge("spec_decode_draft_verify_cost_ratio",
+                                "Measured seconds of one draft step over one verify call, at the "
+                                "engine's exit layer (the controller's running average).")
         self.prompt_tokens = counter("prompt_tokens", "Prefilled prompt tokens.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens returned.")
         self.running = gauge("num_requests_running", "Requests in the running batch.")
@@ -131,6 +154,12 @@ class EngineMetrics:
         self.num_drafts.inc(stats.num_drafts)
         self.num_draft_tokens.inc(stats.num_draft_tokens)
         self.num_accepted_tokens.inc(stats.num_accepted_tokens)
+        for pos, n in enumerate(stats.num_accepted_tokens_per_pos):
+            self.accepted_per_pos.labels(self.model_name, str(pos)).inc(n)
+        for (exit_layer, k), n in stats.rounds.items():
+            self.rounds.labels(self.model_name, str(exit_layer), str(k)).inc(n)
+        if stats.draft_verify_cost_ratio is not None:
+            self.cost_ratio.set(stats.draft_verify_cost_ratio)
         self.prompt_tokens.inc(stats.num_prompt_tokens)
         self.generation_tokens.inc(stats.num_generation_tokens)
         self.running.set(stats.num_running)

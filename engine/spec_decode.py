@@ -4,7 +4,10 @@ With exit layer ``E`` of ``L`` and ``k`` speculations, each running sequence, wh
 sits at position ``c = num_computed_tokens``:
 
 1. **Draft** ``k`` tokens: the input token at position ``c + i`` runs layers ``[0, E)`` (writing
-   their KV); its layer-``E`` hidden state is kept; final norm + LM head pick ``d_{i+1}``.
+   their KV); its layer-``E`` hidden state is kept; final norm + LM head pick ``d_{i+1}``. The
+   draft's head may cover only a frequent-token subset (FR-Spec,
+   :meth:`models.llama.LlamaModel.set_draft_vocab`): its ``q`` is then the subset's softmax, 0
+   elsewhere, and the verifier's full head keeps greedy and rejection sampling exact.
 2. **Verify**: ``d_k`` runs layers ``[0, E)`` at ``c + k``; layers ``[E, L)`` then run once over the
    ``k + 1`` cached exit states (positions ``c..c+k``), writing their KV; the head gives
    ``p_0..p_k``. Drafting's KV and exit states are reused, never recomputed.
@@ -20,6 +23,7 @@ Cost per round in layer calls: ``k·E + E + (L − E)``; per round one host tran
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -50,13 +54,44 @@ class RoundOutput:
     prompt_logprobs: list[Logprob] | None = None
 
 
+class _Clock:
+    """Marks inside a round without host syncs: ``perf_counter`` on the CPU (synchronous), CUDA
+    events on CUDA, read only after the round's host transfer has synchronised anyway."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        """Record the time now (on CUDA: when the stream reaches this point)."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks."""
+        if self.cuda:
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
 class SpecDecodeRunner:
-    """Runs prefills and self-speculative rounds of a :class:`models.llama.LlamaModel` over a KV cache."""
+    """Runs prefills and self-speculative rounds of a :class:`models.llama.LlamaModel` over a KV cache.
+
+    After each drafting round, :attr:`last_timing` holds ``(one draft step, the verify call)`` in
+    seconds (a draft step: ``E`` layers + norm + head + token choice; the verify call: the last
+    draft's ``E`` layers, layers ``[E, L)`` over ``k + 1`` tokens, the head and acceptance, up to
+    the host transfer); after a plain round it is None.
+    """
 
     def __init__(self, model, cache):
         self.model = model
         self.cache = cache
         self.device = model.device
+        self.last_timing: tuple[float, float] | None = None
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], slots: list[int], sb: SamplingBatch | None = None,
@@ -123,39 +158,50 @@ class SpecDecodeRunner:
         slot_range = (slots[0], slots[0] + B) if contiguous else None
         top = max(num_computed)
         tok = torch.tensor(last_tokens, device=dev)[:, None]  # (B, 1)
+        self.last_timing = None
         if k == 0:
             batch = m.attention_batch(slot_t, base, top + 1, slot_range)
             hidden = m.forward_layers(m.embed(tok), 0, m.num_layers, self.cache, batch)
             return self._finish(m.logits(hidden), tok[:, :0], None, None if fast else sb,
                                 None, num_logprobs)
         exit_states, drafts, draft_scores = [], [], []
+        clock = _Clock(dev)
+        clock.mark()
         for i in range(k + 1):
             batch = m.attention_batch(slot_t, base + i, top + i + 1, slot_range)
             hidden = m.forward_layers(m.embed(tok), 0, exit_layer, self.cache, batch)
             exit_states.append(hidden)  # (B, 1, D)
             if i < k:
-                logits = m.logits(hidden)  # (B, 1, V)
                 if fast:
-                    tok = logits.argmax(-1)  # (B, 1)
+                    tok = m.draft_argmax(hidden)  # (B, 1)
                 else:
+                    logits = m.draft_full_logits(hidden)  # (B, 1, V), -inf off the draft vocab
                     history = torch.cat(drafts, 1) if drafts else None  # (B, i)
                     scores = process_logits(logits, sb, history, start=i)
                     draft_scores.append(scores)
                     tok = sample_tokens(scores, sb, i)
                 drafts.append(tok)
+                if i == k - 1:
+                    clock.mark()
         positions = base + torch.arange(k + 1, device=dev)  # (B, k+1)
         batch = m.attention_batch(slot_t, positions, top + k + 1, slot_range)
         hidden = m.forward_layers(torch.cat(exit_states, 1), exit_layer, m.num_layers,
                                   self.cache, batch)  # (B, k+1, D)
-        return self._finish(m.logits(hidden), torch.cat(drafts, 1),
-                            torch.cat(draft_scores, 1) if draft_scores else None,
-                            None if fast else sb, num_speculations, num_logprobs)
+        out = self._finish(m.logits(hidden), torch.cat(drafts, 1),
+                           torch.cat(draft_scores, 1) if draft_scores else None,
+                           None if fast else sb, num_speculations, num_logprobs, clock)
+        draft, verify = clock.intervals()
+        self.last_timing = (draft / k, verify)
+        return out
 
-    def _finish(self, logits, drafts, draft_scores, sb, num_speculations, num_logprobs
-                ) -> RoundOutput:
-        """Accept, then move the round's tokens (and logprobs) to the host in one transfer each."""
+    def _finish(self, logits, drafts, draft_scores, sb, num_speculations, num_logprobs,
+                clock: _Clock | None = None) -> RoundOutput:
+        """Accept, then move the round's tokens (and logprobs) to the host in one transfer each
+        (``clock`` is marked just before it, so a CUDA event is complete when read)."""
         target = logits if sb is None else process_logits(logits, sb, drafts, 0)
         tokens, accepted = accept_drafts(drafts, target, sb, draft_scores, num_speculations)
+        if clock is not None:
+            clock.mark()
         rows = torch.cat([tokens, accepted[:, None]], 1).tolist()
         logprobs: list = [None] * len(rows)
         wanted = [b for b, n in enumerate(num_logprobs or []) if n is not None]

@@ -76,6 +76,8 @@ class LlamaModel:
         self.lm_head = weights.get("lm_head.weight", self.embed_tokens)  # (V, D)
         self.norm = weights["model.norm.weight"]  # (D,)
         self.rope_cos, self.rope_sin = rope_cos, rope_sin  # (max_len, hd)
+        self.draft_ids: torch.Tensor | None = None  # (N,) the draft head's tokens, or all
+        self.draft_head: torch.Tensor | None = None  # (N, D) their rows of lm_head
         self.layers = [self._fuse(weights, f"model.layers.{i}.") for i in range(shape.num_layers)]
 
     @staticmethod
@@ -122,6 +124,40 @@ class LlamaModel:
         s = self.shape
         return F.linear(F.rms_norm(hidden, (s.hidden_size,), self.norm, s.rms_norm_eps),
                         self.lm_head).float()
+
+    def set_draft_vocab(self, token_ids: torch.Tensor | None) -> None:
+        """Restrict the draft's LM head to ``token_ids`` ``(N,)`` (FR-Spec, Zhao et al. 2025,
+        arXiv 2502.14856: the most frequent tokens); None restores the full head. The verifier's
+        head (:meth:`logits`) is never restricted."""
+        if token_ids is None or len(token_ids) >= self.shape.vocab_size:
+            self.draft_ids = self.draft_head = None
+            return
+        self.draft_ids = token_ids.to(self.device)
+        self.draft_head = self.lm_head[self.draft_ids].contiguous()  # (N, D)
+
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The draft's read-out: ``(B, T, D)`` exit states → ``(B, T, N)`` float32 logits over
+        :attr:`draft_ids` (all ``V`` tokens, in id order, when unrestricted)."""
+        if self.draft_head is None:
+            return self.logits(hidden)
+        s = self.shape
+        return F.linear(F.rms_norm(hidden, (s.hidden_size,), self.norm, s.rms_norm_eps),
+                        self.draft_head).float()
+
+    def draft_argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy draft tokens: ``(B, T, D)`` exit states → ``(B, T)`` token ids (head + argmax)."""
+        best = self.draft_logits(hidden).argmax(-1)  # (B, T) indices into draft_ids
+        return best if self.draft_ids is None else self.draft_ids[best]
+
+    def draft_full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`draft_logits` scattered to ``(B, T, V)``, ``-inf`` outside :attr:`draft_ids`,
+        so a distribution built from them is the draft's, renormalised over its tokens (and 0
+        elsewhere)."""
+        logits = self.draft_logits(hidden)
+        if self.draft_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.shape.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.draft_ids, logits)  # (B, T, V)
 
     def attention_batch(self, slots: torch.Tensor, positions: torch.Tensor, num_keys: int,
                         slot_range: tuple[int, int] | None = None) -> AttentionBatch:

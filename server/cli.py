@@ -73,8 +73,12 @@ FLAGS = (
      "checkpoint's assistant_early_exit, else a quarter of its layers)"),
     ("num-speculations", int, None, "most draft tokens per round; 0 turns speculation off "
      "(default: the checkpoint's num_assistant_tokens, else 4)"),
-    ("adaptive-speculation", "bool", True, "lower a sequence's drafts (to 0) while its acceptance "
-     "is too low to pay; off drafts num-speculations every round"),
+    ("adaptive-speculation", "bool", True, "choose each round's drafts (down to 0) from measured "
+     "round times and acceptance; off drafts num-speculations every round"),
+    ("draft-vocab-size", int, None, "the draft's LM head scores only the N most frequent tokens "
+     "(FR-Spec; default: the checkpoint's draft_vocab.json, else the full head; 0: full head)"),
+    ("draft-token-counts", str, None, "token-counts JSON ranking the draft vocabulary (default: "
+     "the checkpoint's draft_vocab.json; python -m models.draft_vocab makes one)"),
     ("dtype", str, "auto", "weights and KV cache dtype; auto is float32 on the CPU and bfloat16 "
      "on CUDA", DTYPES),
     ("device", _device, "cpu", "cpu, cuda or cuda:N"),
@@ -184,6 +188,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model or str(BUNDLED_MODEL), served_model_name=args.served_model_name,
         device=args.device, dtype=args.dtype, exit_layer=args.exit_layer,
         num_speculations=args.num_speculations, adaptive_speculation=args.adaptive_speculation,
+        draft_vocab_size=args.draft_vocab_size, draft_token_counts=args.draft_token_counts,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, seed=args.seed,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -85,6 +86,15 @@ def run_engine(core: EngineCore, prompts: list[list[int]], max_tokens: int | lis
                 outputs[out.request_id].append(out)
         step += 1
     return outputs
+
+
+def scripted_plan(core, seed: int = 0):
+    """Replace the controller's plan with random per-row ``k`` in ``0..k_max`` every round, so
+    rows switch between plain decoding and every draft length mid-sequence."""
+    rng = random.Random(seed)
+    core.policy.plan = lambda states, rooms, exit_layer, k_max, sampled=False: [
+        min(rng.randint(0, k_max), r) for r in rooms]
+    return core
 
 
 def tokens_of(outputs: dict[str, list]) -> dict[str, list[int]]:

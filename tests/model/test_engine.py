@@ -158,3 +158,41 @@ def test_a_request_finished_by_a_failing_step_gets_an_error_not_a_hang(cores, mo
 
 async def _drain(stream) -> list:
     return [o async for o in stream]
+
+
+def test_response_counts_only_emitted_drafts_while_step_stats_keep_the_verifiers(
+        bundled_model, make_core, monkeypatch):
+    """A full-depth draft (E = L) is always accepted: each round emits 4 drafts + 1 token. EOS
+    early in a round cuts accepted drafts: the response's ``num_accepted_tokens`` counts only the
+    emitted ones, the step stats (the Prometheus counters) the verifier's raw count."""
+    plain = make_core(model=bundled_model, num_speculations=0)
+    prompt = plain.tokenizer.encode(PROMPT)
+    full = tokens_of(run_engine(plain, [prompt], 24, ignore_eos=True))["r0"]
+    cut = next(i for i in range(6, 20) if full.index(full[i]) == i and (i - 1) % 5 < 3)
+    core = make_core(model=bundled_model, exit_layer=plain.model.num_layers, num_speculations=4,
+                     adaptive_speculation=False)
+    monkeypatch.setattr(core, "eos_token_ids", frozenset({full[cut]}))
+    core.add_request(EngineRequest("a", tuple(prompt), 24))
+    outs, raw = [], 0
+    while core.has_work():
+        step_outs, stats = core.step()
+        outs += step_outs
+        raw += stats.num_accepted_tokens
+        assert stats.num_accepted_tokens_per_pos[:1] in ([], [1])
+    got = [t for o in outs for t in o.token_ids]
+    assert got == full[:cut + 1]
+    rounds = (cut - 1) // 5 + 1  # the last one cut after its first (cut − 1) % 5 + 1 drafts
+    assert outs[-1].num_accepted_tokens == cut - (rounds - 1)  # every emitted token but bonuses
+    assert raw == 4 * rounds > outs[-1].num_accepted_tokens
+
+
+def test_the_bundled_draft_vocabulary_and_bad_settings(bundled_model, make_core, tmp_path):
+    core = make_core(model=bundled_model, num_speculations=0)
+    assert core.draft_vocab_size == 3072 == len(core.model.draft_ids)  # draft_vocab.json's N
+    assert make_core(model=bundled_model, num_speculations=0, draft_vocab_size=0).model.draft_ids is None
+    with pytest.raises(ValueError, match="draft_vocab_size must be in"):
+        make_core(model=bundled_model, draft_vocab_size=5000)
+    bad = tmp_path / "counts.json"
+    bad.write_text('{"counts": [1, -2]}')
+    with pytest.raises(ValueError, match="counts"):
+        make_core(model=bundled_model, draft_token_counts=str(bad), draft_vocab_size=10)

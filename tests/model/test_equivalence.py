@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.kv_cache import KVCache
-from tests.conftest import run_engine, tokens_of
+from tests.conftest import run_engine, scripted_plan, tokens_of
 
 KS = (1, 2, 4, 8)
 PROMPTS = (
@@ -112,3 +112,21 @@ def test_tiny_random_model_mixed_batch(tiny_model, make_core):
         core = make_core(model=tiny_model, exit_layer=exit_layer, num_speculations=3,
                          adaptive_speculation=False)
         _check(plain, prompts, expected, tokens_of(run_engine(core, prompts, MAX_TOKENS, ARRIVALS)))
+
+
+@pytest.mark.parametrize("exit_layer", (2, 4, 9))
+def test_rows_switching_k_mid_sequence_match_plain_decoding(setup, make_core, bundled_model,
+                                                            exit_layer):
+    plain, prompts, single, mixed = setup
+    core = scripted_plan(make_core(model=bundled_model, exit_layer=exit_layer, num_speculations=4,
+                                   max_num_seqs=4), seed=exit_layer)
+    _check(plain, prompts, mixed, tokens_of(run_engine(core, prompts, MAX_TOKENS, ARRIVALS)))
+
+
+def test_the_measured_cost_controller_matches_plain_decoding(setup, make_core, bundled_model):
+    """The controller on (the default), alone and in the mixed batch."""
+    plain, prompts, single, mixed = setup
+    core = make_core(model=bundled_model, max_num_seqs=4)
+    assert core.policy.adaptive and core.policy.costs.rounds, "the controller should be calibrated"
+    _check(plain, prompts, single, tokens_of(run_engine(core, prompts[:1], MAX_TOKENS)))
+    _check(plain, prompts, mixed, tokens_of(run_engine(core, prompts, MAX_TOKENS, ARRIVALS)))

@@ -20,7 +20,10 @@ import pytest
 import torch
 
 from engine.request import EngineRequest, SamplingParams
-from tests.conftest import make_tiny_checkpoint, run_engine, tokens_of
+from models.loader import BUNDLED_MODEL
+from tests.conftest import make_tiny_checkpoint, run_engine, scripted_plan, tokens_of
+
+COUNTS = str(BUNDLED_MODEL / "draft_vocab.json")  # a frequency ranking for the draft head
 
 PROMPT = (5, 17, 42)
 NUM_SAMPLES = 10_000
@@ -80,12 +83,18 @@ def _views(samples):
 def cores(peaky_model, make_core):
     kw = dict(model=peaky_model, max_num_seqs=64, seed=1)
     return (make_core(num_speculations=0, **kw),
-            make_core(exit_layer=3, num_speculations=3, adaptive_speculation=False, **kw))
+            make_core(exit_layer=3, num_speculations=3, adaptive_speculation=False, **kw),
+            scripted_plan(make_core(exit_layer=3, num_speculations=3, draft_token_counts=COUNTS,
+                                    draft_vocab_size=1024, **kw)))
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [*CONFIGS, "t1.0-switching-k", "t0.8-top_p0.9-penalties-switching-k"])
 def test_speculative_sampling_matches_plain_sampling(cores, name):
-    plain, spec = cores
+    """Rejection sampling at k = 3; and with each row's k drawn from 0..3 every round and a
+    draft head truncated to 1024 of the 4096 tokens (FR-Spec)."""
+    plain, spec, switching = cores
+    if name.endswith("-switching-k"):
+        name, spec = name.removesuffix("-switching-k"), switching
     params = CONFIGS[name]
     expected, _, _ = _sample(plain, params)
     got, drafted, accepted = _sample(spec, params)
@@ -97,7 +106,7 @@ def test_speculative_sampling_matches_plain_sampling(cores, name):
 
 def test_chi_square_has_power(cores):
     """The same test, on plain sampling at temperature 1.0 against 0.9, must reject."""
-    plain, _ = cores
+    plain = cores[0]
     hot, _, _ = _sample(plain, SamplingParams(temperature=1.0))
     cool, _, _ = _sample(plain, SamplingParams(temperature=0.9))
     assert homogeneity_p_value([s[0] for s in hot], [s[0] for s in cool]) < P_VALUE_THRESHOLD
@@ -144,9 +153,12 @@ def test_seeded_requests_are_reproducible_in_any_batch_and_with_speculation(make
     plain = make_core(model=tiny_model, num_speculations=0, max_num_seqs=4)
     spec = make_core(model=tiny_model, exit_layer=2, num_speculations=3, max_num_seqs=4,
                      adaptive_speculation=False)
+    switching = scripted_plan(make_core(model=tiny_model, exit_layer=2, num_speculations=3,
+                                        max_num_seqs=4, draft_token_counts=COUNTS,
+                                        draft_vocab_size=512))
     alone = [tokens_of(run_engine(plain, [p], 24, ignore_eos=True, sampling=_seeded(11)))["r0"]
              for p in prompts]
-    for core in (plain, spec):
+    for core in (plain, spec, switching):
         for p, expected in zip(prompts, alone):
             single = tokens_of(run_engine(core, [p], 24, ignore_eos=True, sampling=_seeded(11)))
             assert single["r0"] == expected
@@ -156,3 +168,19 @@ def test_seeded_requests_are_reproducible_in_any_batch_and_with_speculation(make
     other_seed = tokens_of(run_engine(plain, prompts[:1], 24, ignore_eos=True,
                                       sampling=_seeded(12)))["r0"]
     assert other_seed != alone[0]
+
+
+def test_a_truncated_draft_head_proposes_only_its_tokens_with_q_renormalised(make_core, tiny_model):
+    core = make_core(model=tiny_model, draft_token_counts=COUNTS, draft_vocab_size=300)
+    m = core.model
+    ids = m.draft_ids
+    assert core.draft_vocab_size == len(ids) >= 300 and 0 in ids.tolist()  # EOS is kept
+    hidden = torch.randn(3, 2, m.shape.hidden_size)
+    full = m.logits(hidden)  # (3, 2, V)
+    q = m.draft_full_logits(hidden).softmax(-1)
+    outside = torch.ones(m.shape.vocab_size, dtype=torch.bool)
+    outside[ids] = False
+    assert torch.all(q[..., outside] == 0)
+    expected = full[..., ids].softmax(-1)  # the full head's softmax over the subset only
+    assert torch.allclose(q[..., ids], expected, atol=1e-6)
+    assert torch.equal(m.draft_argmax(hidden), ids[full[..., ids].argmax(-1)])

@@ -14,6 +14,14 @@ def test_flags_read_the_environment_and_the_command_line_wins():
     assert config.num_speculations == 0 and config.model.endswith("layerskip-stdlib")
 
 
+def test_draft_vocabulary_flags_and_their_environment_twins():
+    args = parse_args(["--draft-token-counts", "/tmp/c.json"],
+                      environ={"LAYERSKIP_DRAFT_VOCAB_SIZE": "1024"})
+    config = engine_config(args)
+    assert config.draft_vocab_size == 1024 and config.draft_token_counts == "/tmp/c.json"
+    assert engine_config(parse_args([], environ={})).draft_vocab_size is None
+
+
 def test_empty_environment_values_are_unset_and_bad_ones_are_named(capsys):
     import pytest
 
@@ -49,6 +57,23 @@ def test_counters_and_window_gauges():
     assert metrics.registry.get_sample_value(
         "layerskip_request_success_total", {"model_name": "m", "finished_reason": "length"}) == 1
     assert b"layerskip_time_to_first_token_seconds_bucket" in metrics.render()
+
+
+def test_speculation_counters_per_position_per_k_and_the_cost_ratio():
+    metrics = EngineMetrics("m")
+    metrics.observe_step(StepStats(num_accepted_tokens_per_pos=[3, 1], rounds={(4, 2): 1, (0, 0): 2},
+                                   draft_verify_cost_ratio=0.4))
+    metrics.observe_step(StepStats(num_accepted_tokens_per_pos=[2], rounds={(4, 2): 1}))
+    sample = metrics.registry.get_sample_value
+    assert sample("layerskip_spec_decode_num_accepted_tokens_per_pos_total",
+                  {"model_name": "m", "position": "0"}) == 5
+    assert sample("layerskip_spec_decode_num_accepted_tokens_per_pos_total",
+                  {"model_name": "m", "position": "1"}) == 1
+    assert sample("layerskip_spec_decode_rounds_total",
+                  {"model_name": "m", "exit_layer": "4", "num_speculations": "2"}) == 2
+    assert sample("layerskip_spec_decode_rounds_total",
+                  {"model_name": "m", "exit_layer": "0", "num_speculations": "0"}) == 2
+    assert _value(metrics, "layerskip_spec_decode_draft_verify_cost_ratio") == 0.4
 
 
 def test_inter_token_latency_is_observed_once_per_token():
