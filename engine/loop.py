@@ -76,8 +76,7 @@ class EngineCore:
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {config.device!r} was asked for but no CUDA device is available")
         hf_config = read_config(config.model)
-        self.max_model_len = config.max_model_len or min(hf_config.max_position_embeddings,
-                                                          DEFAULT_MAX_MODEL_LEN_CAP)
+        self.max_model_len = _max_model_len(config, hf_config.max_position_embeddings)
         cache_len = self.max_model_len + MAX_NUM_SPECULATIONS + 1  # one round's drafts past the end
         ck = load_checkpoint(config.model, config.device, config.dtype, rope_len=cache_len)
         self.model, self.tokenizer = ck.model, ck.tokenizer
@@ -106,8 +105,10 @@ class EngineCore:
         self._finished_outside_steps: list[FinishedStats] = []
         self.model_name = config.served_model_name or Path(config.model).name.removesuffix(".gguf")
         logger.info("engine ready: %d layers, exit_layer=%d, num_speculations=%d, "
-                    "max_model_len=%d, KV cache %.1f MiB", L, self.exit_layer,
-                    self.num_speculations, self.max_model_len, self.cache.nbytes / 2**20)
+                    "max_model_len=%d, KV cache %d slots x %d positions x %d layers = %d bytes "
+                    "(%.1f MiB)", L, self.exit_layer, self.num_speculations, self.max_model_len,
+                    config.max_num_seqs, cache_len, L, self.cache.nbytes,
+                    self.cache.nbytes / 2**20)
 
     @property
     def vocab_size(self) -> int:
@@ -153,7 +154,8 @@ class EngineCore:
         return EngineInfo(self.model_name, self.config.model, self.max_model_len, self.vocab_size,
                           self.model.num_layers, self.default_sampling, self.tokenizer,
                           max_token_chars(self.tokenizer), self.cache.nbytes,
-                          torch.get_num_threads() if self.model.device.type == "cpu" else None)
+                          torch.get_num_threads() if self.model.device.type == "cpu" else None,
+                          self.config.max_num_seqs, self.config.max_waiting_requests)
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request (validated with :meth:`validate_request`; raises its ``ValueError``)."""
@@ -329,6 +331,28 @@ def _finished_stats(seq: Sequence, now: float) -> FinishedStats:
     n = seq.num_output_tokens
     tpot = (now - seq.first_token_time) / (n - 1) if n > 1 and seq.first_token_time else None
     return FinishedStats(now - arrival, ttft, tpot, seq.status.finish_reason or "")
+
+
+def _max_model_len(config: EngineConfig, max_position_embeddings: int) -> int:
+    """The served ``max_model_len``: the configured one, else the model's context capped at
+    :data:`DEFAULT_MAX_MODEL_LEN_CAP`.
+
+    Raises:
+        ValueError: a configured length above ``max_position_embeddings`` without
+            ``allow_long_max_model_len`` (vLLM refuses the same unless
+            ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1``), or one below 1.
+    """
+    if config.max_model_len is None:
+        return min(max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)
+    if config.max_model_len < 1:
+        raise ValueError(f"max_model_len must be at least 1, got {config.max_model_len}")
+    if config.max_model_len > max_position_embeddings and not config.allow_long_max_model_len:
+        raise ValueError(
+            f"max_model_len {config.max_model_len} is longer than the model's context "
+            f"(max_position_embeddings = {max_position_embeddings}): positions past it give "
+            "unreliable output and every KV cache slot grows with it. Pass "
+            "--allow-long-max-model-len (LAYERSKIP_ALLOW_LONG_MAX_MODEL_LEN=1) to serve it anyway.")
+    return config.max_model_len
 
 
 def _pick(explicit, from_checkpoint, fallback):

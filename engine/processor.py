@@ -31,6 +31,10 @@ class EngineInfo:
             before it is tokenized.
         num_kv_cache_bytes: the KV cache's size (bytes).
         cpu_threads: torch intra-op threads of the engine (None when the caller did not set them).
+        max_num_seqs: sequences the engine runs at once.
+        max_waiting_requests: the most sequences that may wait beyond those (None: no bound);
+            the API process counts its outstanding sequences against ``max_num_seqs +
+            max_waiting_requests`` and refuses past it without asking the engine.
     """
 
     model_name: str
@@ -43,6 +47,8 @@ class EngineInfo:
     max_token_chars: int = 1
     num_kv_cache_bytes: int = 0
     cpu_threads: int | None = None
+    max_num_seqs: int = 1
+    max_waiting_requests: int | None = None
 
 
 def max_token_chars(tokenizer) -> int:

@@ -30,6 +30,10 @@ FLAGS = (
     ("max-num-seqs", int, 8, "sequences decoded together"),
     ("max-num-batched-tokens", int, 2048, "prompt tokens prefilled per step"),
     ("max-model-len", int, None, "prompt + completion limit in tokens (default: the model's)"),
+    ("allow-long-max-model-len", "bool", False, "accept a --max-model-len above the model's "
+     "context (vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN); refused at start-up otherwise"),
+    ("max-waiting-requests", int, 1024, "most sequences (prompts x n) waiting beyond the "
+     "max-num-seqs running ones; past it requests get 503 + Retry-After; 0 turns the bound off"),
     ("seed", int, 0, "random seed"),
     ("cpu-threads", int, None, "torch threads of the engine process on the CPU (default: the "
      "usable cores less one, at least 1, leaving a core to the HTTP process)"),
@@ -85,6 +89,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, seed=args.seed,
+        max_waiting_requests=args.max_waiting_requests or None,
+        allow_long_max_model_len=args.allow_long_max_model_len,
     )
 
 
@@ -126,9 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, RuntimeError) as exc:  # CheckpointError included: no traceback
         raise SystemExit(f"layerskip-serve: {exc}") from None
     logging.getLogger("layerskip-serve").info(
-        "serving %s (%s) from %s on %s: engine process %d, %s cpu threads, KV cache %.1f MiB, "
-        "max_model_len %d", info.model_name, args.dtype, info.model_path, args.device, engine.pid,
-        info.cpu_threads, info.num_kv_cache_bytes / 2**20, info.max_model_len)
+        "serving %s (%s) from %s on %s: engine process %d, %s cpu threads, KV cache %d bytes "
+        "(%.1f MiB), max_model_len %d, max_waiting_requests %s", info.model_name, args.dtype,
+        info.model_path, args.device, engine.pid, info.cpu_threads, info.num_kv_cache_bytes,
+        info.num_kv_cache_bytes / 2**20, info.max_model_len, info.max_waiting_requests)
     engine.metrics = metrics = EngineMetrics(info.model_name)
     app = build_app(engine, metrics, args.max_request_body_bytes)
     server = DrainingServer(app, args.timeout_graceful_shutdown, host=args.host, port=args.port,

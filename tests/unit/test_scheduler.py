@@ -69,3 +69,36 @@ def test_prompt_token_budget_spreads_admissions_over_steps():
     assert [s.request_id for s in sched.schedule().prefill] == ["r2"]  # 3, then 20 does not fit
     assert [s.request_id for s in sched.schedule().prefill] == ["r3"]  # alone, although > 10
     assert [s.request_id for s in sched.schedule().prefill] == ["r4"]
+
+
+def _grouped(group: str, i: int) -> Sequence:
+    return Sequence(EngineRequest(f"{group}-{i}", (1, 2, 3), 4, group_id=group))
+
+
+def test_admission_is_round_robin_by_client_request():
+    """A request of many prompts cannot hold another client's request behind all of them."""
+    sched = Scheduler(max_num_seqs=2)
+    big = [_grouped("big", i) for i in range(100)]
+    for s in big:
+        sched.add(s)
+    assert [s.request_id for s in sched.schedule().prefill] == ["big-0", "big-1"]
+    small = _grouped("small", 0)
+    sched.add(small)
+    sched.finish(big[0], SequenceStatus.FINISHED_LENGTH)
+    sched.finish(big[1], SequenceStatus.FINISHED_LENGTH)
+    # A new group has never been served, so it is admitted at the first free slot.
+    assert [s.request_id for s in sched.schedule().prefill] == ["small-0", "big-2"]
+    assert len(sched.waiting) == 97 and sched.find("big-50") is big[50]
+    sched.finish(big[50], SequenceStatus.FINISHED_ABORTED)
+    assert len(sched.waiting) == 96 and sched.find("big-50") is None
+    assert "big-50" not in [s.request_id for s in sched.waiting]
+
+
+def test_three_groups_take_turns():
+    sched = Scheduler(max_num_seqs=6)
+    for g in "abc":
+        for i in range(3 if g == "a" else 2):
+            sched.add(_grouped(g, i))
+    order = [s.request_id for s in sched.schedule().prefill]
+    assert order == ["a-0", "b-0", "c-0", "a-1", "b-1", "c-1"]
+    assert [s.request_id for s in sched.waiting] == ["a-2"]
