@@ -23,7 +23,9 @@ class EngineConfig:
         adaptive_speculation: lower each sequence's drafts per round (down to 0) while its
             acceptance is too low to pay (:mod:`engine.speculation`); False drafts ``k_max``.
         max_num_seqs: sequences decoded together (one KV cache slot each).
-        max_num_batched_tokens: prompt tokens prefilled per step (tokens), at least one prompt.
+        max_num_batched_tokens: tokens per step (vLLM's meaning): decoding rounds (``1 +
+            num_speculations`` a sequence) first, then prompt chunks fill the rest (chunked
+            prefill; at least one prompt token a step).
         max_model_len: prompt plus completion limit (tokens); ``None`` takes the model's
             ``max_position_embeddings``, capped at :data:`DEFAULT_MAX_MODEL_LEN_CAP`.
         max_waiting_requests: the most sequences that may wait for a slot beyond the

@@ -100,7 +100,8 @@ class EngineCore:
         self._token_text = functools.lru_cache(maxsize=1 << 16)(
             lambda i: self.tokenizer.decode([i], clean_up_tokenization_spaces=False))
         self._token_bytes = functools.lru_cache(maxsize=1 << 16)(TokenBytes(self.tokenizer))
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.num_speculations, _wants_prompt_logprobs)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._finished_outside_steps: list[FinishedStats] = []
         self.model_name = config.served_model_name or Path(config.model).name.removesuffix(".gguf")
@@ -189,15 +190,18 @@ class EngineCore:
         sched = self.scheduler.schedule()
         stats = self.queue_stats()
         results: list[tuple[Sequence, RoundOutput, int]] = []
-        for group in _prefill_groups(sched.prefill):
-            out = self.runner.prefill(
-                [s.token_ids for s in group], [s.slot for s in group], self._sampling(group),
-                [s.request.sampling.logprobs for s in group],
-                [s.request.sampling.prompt_logprobs for s in group])
-            for row, seq in enumerate(group):
+        chunks = [(s, n) for s, n in zip(sched.prefill, sched.chunk_sizes)
+                  if not _wants_prompt_logprobs(s)]
+        if chunks:
+            results.extend(self._prefill_chunks(chunks, stats))
+        for seq in sched.prefill:
+            if _wants_prompt_logprobs(seq):  # whole and alone: its logprobs need every position
+                sampling = seq.request.sampling
+                out = self.runner.prefill([seq.token_ids], [seq.slot], self._sampling([seq]),
+                                          [sampling.logprobs], [sampling.prompt_logprobs])
                 seq.num_computed_tokens = seq.num_prompt_tokens
                 stats.num_prompt_tokens += seq.num_prompt_tokens
-                results.append((seq, out, row))
+                results.append((seq, out, 0))
         if sched.decode:
             results.extend(self._decode(sched.decode, stats))
         outputs = [self._emit(seq, out, row, stats) for seq, out, row in results]
@@ -213,6 +217,23 @@ class EngineCore:
                           finished=self._finished_outside_steps)
         self._finished_outside_steps = []
         return stats
+
+    def _prefill_chunks(self, chunks: list[tuple[Sequence, int]], stats: StepStats):
+        """Every ``(sequence, chunk size)`` of the step in one packed forward call; the
+        sequences whose chunk ends their prompt sample their first token."""
+        seqs = [s for s, _ in chunks]
+        done = [r for r, (s, n) in enumerate(chunks)
+                if s.num_computed_tokens + n == s.num_prompt_tokens]
+        finishing = [seqs[r] for r in done]
+        out = self.runner.prefill_chunks(
+            [s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n] for s, n in chunks],
+            [s.num_computed_tokens for s in seqs], [s.slot for s in seqs], done,
+            self._sampling(finishing) if finishing else None,
+            [s.request.sampling.logprobs for s in finishing])
+        for seq, n in chunks:
+            seq.num_computed_tokens += n
+            stats.num_prompt_tokens += n
+        return [(seq, out, row) for row, seq in enumerate(finishing)]
 
     def _sampling(self, seqs: list[Sequence]) -> SamplingBatch | None:
         """The rows' sampling state (None when all are greedy without penalties: raw argmax);
@@ -313,16 +334,9 @@ class EngineCore:
         return [self.abort_request(seq.request_id, error=message) for seq in live]
 
 
-def _prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
-    """Prefills batched by prompt length; a sequence that wants prompt logprobs goes alone."""
-    groups: dict[int, list[Sequence]] = {}
-    alone = []
-    for seq in seqs:
-        if seq.request.sampling.prompt_logprobs is not None:
-            alone.append([seq])
-        else:
-            groups.setdefault(seq.num_prompt_tokens, []).append(seq)
-    return list(groups.values()) + alone
+def _wants_prompt_logprobs(seq: Sequence) -> bool:
+    """Such a sequence is prefilled whole and alone (never chunked)."""
+    return seq.request.sampling.prompt_logprobs is not None
 
 
 def _finished_stats(seq: Sequence, now: float) -> FinishedStats:

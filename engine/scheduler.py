@@ -1,9 +1,10 @@
-"""Continuous batching over integers: which sequences run this step.
+"""Continuous batching over integers: which sequences run this step, and how many tokens each.
 
-Plain Python (no tensors). Waiting sequences are admitted while a KV cache slot is free and the
-step's prompt-token budget (vLLM's ``max_num_batched_tokens``) lasts, so a burst of long prompts
-cannot stall the running sequences' decoding for long; a finished sequence leaves at once and
-frees its slot, so a request that arrives while others decode joins the batch at the next step.
+Plain Python (no tensors). One token budget per step (vLLM's ``max_num_batched_tokens``): the
+running sequences' decoding rounds are counted first, then prompt chunks fill the rest, so a long
+prompt is prefilled over several steps (vLLM's chunked prefill) while the running sequences keep
+decoding. A finished sequence leaves at once and frees its slot, so a request that arrives while
+others decode joins the batch at the next step.
 
 Admission is fair across client requests: the sequences one HTTP request brings (several prompts,
 ``n`` choices) share a ``group_id``, and :class:`WaitingQueue` admits round robin by group, first
@@ -24,10 +25,18 @@ from engine.request import Sequence, SequenceStatus
 
 @dataclass
 class SchedulerOutput:
-    """One step's work: sequences to prefill, and sequences to run a decoding round for."""
+    """One step's work: prompt chunks to prefill, and sequences to run a decoding round for.
+
+    Attributes:
+        prefill: sequences with prompt tokens to run this step (new or part-way through).
+        chunk_sizes: per ``prefill`` entry, how many prompt tokens it runs this step, starting
+            at its ``num_computed_tokens``; it samples its first token when that ends the prompt.
+        decode: sequences past their prompt, each running one round.
+    """
 
     prefill: list[Sequence] = field(default_factory=list)
     decode: list[Sequence] = field(default_factory=list)
+    chunk_sizes: list[int] = field(default_factory=list)
 
 
 class WaitingQueue:
@@ -108,17 +117,29 @@ class WaitingQueue:
 
 
 class Scheduler:
-    """Admission up to ``max_num_seqs`` running sequences (one KV slot each), round robin by
-    client request (:class:`WaitingQueue`).
+    """One token budget per step (vLLM's ``max_num_batched_tokens``): the running sequences'
+    decoding rounds first, then prompt chunks fill what is left (chunked prefill), first the
+    sequences part-way through their prompt, then waiting ones admitted round robin by client
+    request (:class:`WaitingQueue`) while a KV slot is free.
 
     Args:
-        max_num_seqs: concurrent sequences.
-        max_num_batched_tokens: prompt tokens prefilled per step (tokens); the first waiting
-            sequence is admitted even when its prompt alone is longer.
+        max_num_seqs: concurrent sequences (one KV slot each).
+        max_num_batched_tokens: tokens per step (tokens). A decoding sequence costs ``1 +
+            num_lookahead_tokens``; a prompt longer than what is left runs in chunks over several
+            steps. Prefill gets at least one token a step even when decoding fills the budget,
+            so a waiting prompt always progresses.
+        num_lookahead_tokens: draft tokens a round may add per sequence (``num_speculations``).
+        prefill_whole: ``seq → bool``: sequences never chunked (those that want prompt
+            logprobs); one is admitted only when it fits in what is left, or alone.
     """
 
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int = 2048):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int = 2048,
+                 num_lookahead_tokens: int = 0, prefill_whole=None):
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {max_num_batched_tokens}")
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_lookahead_tokens = num_lookahead_tokens
+        self.prefill_whole = prefill_whole or (lambda seq: False)
         self.slots = SlotAllocator(max_num_seqs)
         self.waiting = WaitingQueue()
         self.running: list[Sequence] = []
@@ -134,24 +155,36 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        """Admit waiting sequences while slots are free; the already running ones decode.
-
-        Newly admitted sequences are prefilled this step and decode from the next one, so one
-        step's cost stays bounded by one prefill per new request plus one round.
-        """
+        """This step's decoding rounds and prompt chunks, within the token budget."""
+        out = SchedulerOutput()
+        prefilling = [s for s in self.running if s.num_computed_tokens < s.num_prompt_tokens]
         # In slot order, so that a batch is often a contiguous slot range (a view, not a gather).
-        out = SchedulerOutput(decode=sorted(self.running, key=lambda s: s.slot))
-        budget = self.max_num_batched_tokens
-        while self.waiting and self.slots.can_allocate():
-            if out.prefill and self.waiting.peek().num_prompt_tokens > budget:
+        out.decode = sorted((s for s in self.running if s.num_computed_tokens >= s.num_prompt_tokens),
+                            key=lambda s: s.slot)
+        budget = self.max_num_batched_tokens - len(out.decode) * (1 + self.num_lookahead_tokens)
+        budget = max(budget, 1)
+        for seq in prefilling:
+            budget = self._take_chunk(out, seq, budget)
+            if budget <= 0:
+                return out
+        while self.waiting and self.slots.can_allocate() and budget > 0:
+            seq = self.waiting.peek()
+            if self.prefill_whole(seq) and out.prefill and seq.num_prompt_tokens > budget:
                 break
-            seq = self.waiting.pop()
-            budget -= seq.num_prompt_tokens
+            self.waiting.pop()
             seq.slot = self.slots.allocate()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.prefill.append(seq)
+            budget = self._take_chunk(out, seq, budget)
         return out
+
+    def _take_chunk(self, out: SchedulerOutput, seq: Sequence, budget: int) -> int:
+        """Schedule ``seq``'s next prompt chunk (all of it if it must be whole); the budget left."""
+        left = seq.num_prompt_tokens - seq.num_computed_tokens
+        n = left if self.prefill_whole(seq) else min(left, budget)
+        out.prefill.append(seq)
+        out.chunk_sizes.append(n)
+        return budget - n
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Mark a sequence finished, remove it and free its slot (waiting or running)."""

@@ -28,7 +28,8 @@ FLAGS = (
     ("dtype", str, "auto", "auto, float32, float16 or bfloat16"),
     ("device", str, "cpu", "cpu or cuda"),
     ("max-num-seqs", int, 8, "sequences decoded together"),
-    ("max-num-batched-tokens", int, 2048, "prompt tokens prefilled per step"),
+    ("max-num-batched-tokens", int, 2048, "tokens per step: decoding rounds first, then prompt "
+     "chunks fill the rest (chunked prefill)"),
     ("max-model-len", int, None, "prompt + completion limit in tokens (default: the model's)"),
     ("allow-long-max-model-len", "bool", False, "accept a --max-model-len above the model's "
      "context (vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN); refused at start-up otherwise"),
