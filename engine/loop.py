@@ -186,7 +186,8 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def step(self) -> tuple[list[RequestOutput], StepStats]:
-        """Admit, prefill the new sequences, run one round for the others, emit outputs."""
+        """Schedule within the token budget, run the step's prompt chunks in one packed call
+        and one round for the decoding sequences, emit outputs."""
         sched = self.scheduler.schedule()
         stats = self.queue_stats()
         results: list[tuple[Sequence, RoundOutput, int]] = []
