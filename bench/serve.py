@@ -8,7 +8,7 @@ it drives
 - ``layerskip-serve`` started as a subprocess on a loopback port with its default flags, through
   ``/v1/completions``, streamed and not,
 
-each at concurrency 1, 4 and 16 (a closed loop: a new request starts when one finishes), plain
+each at concurrency 1, 2, 4, 8, 16 and 32 (a closed loop: a new request starts when one finishes), plain
 decoding (per-request ``num_speculations: 0``) and self-speculation (the server's default), and
 prints tokens/s, TTFT p50/p99 and inter-token latency p50/p99 (streams; one observation per token,
 a chunk's gap split over its tokens) and the HTTP/engine ratio. Every HTTP text is checked equal to
@@ -18,11 +18,14 @@ Prompts come from two sets, neither trained on nor used to choose any default:
 
 - ``test``: 128-token windows from the held-out ``test`` split of the standard library;
 - ``ood``: 128-token windows from Python code outside the standard library (the installed
-  ``starlette``, ``fastapi`` and ``uvicorn`` packages, files in sorted order, evenly spaced).
+  ``starlette``, ``fastapi`` and ``uvicorn`` packages, files in sorted order, evenly spaced);
+- ``shared`` (``--sets shared``): a 400-token prefix common to all prompts, then a short distinct
+  16-token tail each (system prompts, few-shot headers; ``--prompt-len`` does not apply).
 
     python bench/serve.py                    # the README's table and plot
     python bench/serve.py --cpu-threads 2    # the engine on two threads instead of the default
     python bench/serve.py --quick            # a small smoke run (the test suite uses it)
+    python bench/serve.py --sets shared --concurrency 1,4,16   # the shared-prefix workload
 
 Needs ``pip install -e '.[bench]'`` (httpx, matplotlib).
 """
@@ -86,8 +89,14 @@ def windows(tokenizer, texts: list[str], count: int, length: int) -> list[list[i
     raise SystemExit(f"only {len(out)} texts are long enough for {length}-token windows")
 
 
+SHARED_PREFIX_TOKENS = 400
+SHARED_TAIL_TOKENS = 16
+
+
 def prompt_sets(tokenizer, count: int, length: int) -> dict[str, list[list[int]]]:
-    """The ``test`` and ``ood`` prompt sets (token ids)."""
+    """The ``test`` and ``ood`` prompt sets (token ids), and ``shared``: one
+    :data:`SHARED_PREFIX_TOKENS`-token prefix (a system prompt or few-shot header) from the
+    ``test`` split, each prompt ending in its own :data:`SHARED_TAIL_TOKENS`-token tail."""
     import importlib
 
     test = [corpus.read_text(p) for p in corpus.stdlib_files("test")]
@@ -95,8 +104,11 @@ def prompt_sets(tokenizer, count: int, length: int) -> dict[str, list[list[int]]
     for name in OOD_PACKAGES:
         folder = Path(importlib.import_module(name).__file__).parent
         ood += [p.read_text(encoding="utf-8") for p in sorted(folder.rglob("*.py"))]
+    prefix = windows(tokenizer, test[::-1], 1, SHARED_PREFIX_TOKENS)[0]
+    tails = windows(tokenizer, ood[::-1], count, SHARED_TAIL_TOKENS)
     return {"test": windows(tokenizer, test, count, length),
-            "ood": windows(tokenizer, ood, count, length)}
+            "ood": windows(tokenizer, ood, count, length),
+            "shared": [prefix + tail for tail in tails]}
 
 
 def run_engine(core, prompts, max_tokens: int, concurrency: int, mode: str, prompt_set: str) -> Run:
@@ -303,13 +315,14 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> None:
     """Run the benchmark and print, save and plot its report."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    p.add_argument("--concurrency", default="1,2,4,8,16,32", help="comma-separated client counts")
     p.add_argument("--prompts-per-client", type=int, default=2,
                    help="prompts per run = max(8, concurrency × this)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (medians reported)")
-    p.add_argument("--sets", default="test,ood", help="prompt sets to run")
+    p.add_argument("--sets", default="test,ood", help="prompt sets to run: test, ood, shared "
+                   "(a 400-token common prefix, 16-token distinct tails)")
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="engine threads, here and in the server (default: the server's rule)")
     p.add_argument("--port", type=int, default=8765)

@@ -25,13 +25,14 @@ import multiprocessing
 import os
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 
 from engine.config import EngineConfig
 from engine.core_proc import EngineLoop, WireError, run_engine_core
 from engine.detokenizer import IncrementalDetokenizer, decode_whole_characters
 from engine.processor import EngineInfo, apply_chat_template, check_request
-from engine.request import EngineRequest, RequestOutput
+from engine.request import EngineRequest, InvalidRequestError, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +41,33 @@ class EngineDeadError(RuntimeError):
     """The engine is not running (stopped, or its process died): the API answers 503."""
 
 
+class EngineOverloadedError(RuntimeError):
+    """Too many sequences wait already: the API answers 503 with ``Retry-After``.
+
+    Attributes:
+        retry_after: seconds after which a retry may be admitted (the ``Retry-After`` header).
+    """
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+RETRY_AFTER_SECONDS = 1
+"""The ``Retry-After`` of an overload refusal (seconds): a slot frees within a few decoding
+steps, so a prompt retry is likely to be admitted."""
+
+
 class _EngineClient:
-    """What both transports share: the API side's view of the model, and the streams."""
+    """What both transports share: the API side's view of the model, the streams, and the count
+    of outstanding sequences that bounds the waiting queue without a round trip to the engine."""
 
     info: EngineInfo
     metrics = None
 
     def __init__(self):
         self._streams: dict[str, asyncio.Queue] = {}
+        self._outstanding: set[str] = set()  # reserved request ids, until their stream ends
 
     @property
     def model_name(self) -> str:
@@ -130,6 +150,54 @@ class _EngineClient:
         check_request(request, info.vocab_size, info.max_model_len, info.num_layers)
 
     @property
+    def num_outstanding(self) -> int:
+        """Sequences reserved with :meth:`reserve` whose streams have not ended (running in the
+        engine, waiting there, or on their way)."""
+        return len(self._outstanding)
+
+    def check_capacity(self, num_seqs: int) -> None:
+        """Whether ``num_seqs`` more sequences may queue now (the cheap check before tokenizing).
+
+        The engine runs ``max_num_seqs`` sequences; beyond them at most ``max_waiting_requests``
+        may wait, counted here on the API side from the requests this client has outstanding,
+        so an overload is answered without asking the engine process.
+
+        Raises:
+            EngineOverloadedError: the queue would pass its bound (retry later).
+            engine.request.InvalidRequestError: ``num_seqs`` alone is more than the engine ever
+                queues (a retry cannot help; ``param`` is ``prompt``).
+        """
+        bound = self.info.max_waiting_requests
+        if bound is None:
+            return
+        capacity = self.info.max_num_seqs + bound
+        if num_seqs > capacity:
+            raise InvalidRequestError(
+                f"this request brings {num_seqs} sequences (prompts x n), more than the server "
+                f"ever queues ({self.info.max_num_seqs} running + {bound} waiting, "
+                "--max-num-seqs + --max-waiting-requests); split it", "prompt")
+        if len(self._outstanding) + num_seqs > capacity:
+            waiting = max(0, len(self._outstanding) - self.info.max_num_seqs)
+            raise EngineOverloadedError(
+                f"the server is overloaded: {waiting} sequences wait already "
+                f"(--max-waiting-requests {bound}); retry in {RETRY_AFTER_SECONDS} s",
+                RETRY_AFTER_SECONDS)
+
+    def reserve(self, request_ids: list[str]) -> None:
+        """:meth:`check_capacity` for these requests, then count them as outstanding until
+        their :meth:`generate` streams end (or are collected unstarted). Call it on the event
+        loop, right before :meth:`generate`, with no ``await`` between the two.
+
+        Raises:
+            EngineOverloadedError, engine.request.InvalidRequestError: see :meth:`check_capacity`.
+        """
+        self.check_capacity(len(request_ids))
+        self._outstanding.update(request_ids)
+
+    def _release(self, request_id: str) -> None:
+        self._outstanding.discard(request_id)
+
+    @property
     def is_healthy(self) -> bool:
         raise NotImplementedError
 
@@ -139,32 +207,41 @@ class _EngineClient:
     def _abort(self, request_id: str) -> None:
         raise NotImplementedError
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs until the finished one.
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until the finished one. Its :meth:`reserve`
+        count is released when the stream ends, or when it is collected without having run.
 
-        Raises:
+        Raises (while iterating):
             engine.request.InvalidRequestError: the engine refused the request.
             EngineDeadError: the engine is not running, or stopped while the request ran.
             RuntimeError: a step failed after finishing this request.
         """
-        if not self.is_healthy:
-            raise EngineDeadError("the engine is not running")
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = stream
-        self._submit(request)
-        finished = False
+        stream = self._generate(request)
+        weakref.finalize(stream, self._release, request.request_id)
+        return stream
+
+    async def _generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         try:
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, Exception):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
+            if not self.is_healthy:
+                raise EngineDeadError("the engine is not running")
+            stream: asyncio.Queue = asyncio.Queue()
+            self._streams[request.request_id] = stream
+            self._submit(request)
+            finished = False
+            try:
+                while not finished:
+                    item = await stream.get()
+                    if isinstance(item, Exception):
+                        finished = True
+                        raise item
+                    finished = item.finished
+                    yield item
+            finally:
+                self._streams.pop(request.request_id, None)
+                if not finished:
+                    self._abort(request.request_id)
         finally:
-            self._streams.pop(request.request_id, None)
-            if not finished:
-                self._abort(request.request_id)
+            self._release(request.request_id)
 
     def fail_streams(self, exc_factory: Callable[[], Exception]) -> int:
         """End every open stream now with ``exc_factory()`` and abort its engine request
@@ -257,8 +334,14 @@ class MPEngineClient(_EngineClient):
     def start(self) -> None:
         """Begin delivering outputs on the running event loop."""
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._conn.fileno(), self._on_readable)
-        os.set_blocking(self._conn.fileno(), True)  # see _on_readable
+        fd = self._conn.fileno()
+        self._loop.add_reader(fd, self._on_readable)
+        # uvloop's add_reader turns the descriptor non-blocking. The sender thread writes on
+        # the same duplex pipe: a non-blocking write into a full pipe raises, and a message
+        # would be lost (a burst of 2 000 requests lost ~900 of them), or cut in two mid-write.
+        # A read would likewise fail on a message only partly written. The loop only needs
+        # readiness from the descriptor, so it goes back to blocking.
+        os.set_blocking(fd, True)
 
     @property
     def is_healthy(self) -> bool:

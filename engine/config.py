@@ -29,9 +29,18 @@ class EngineConfig:
         draft_token_counts: a token-counts file (``models.draft_vocab``) ranking the tokens;
             ``None`` takes the checkpoint folder's ``draft_vocab.json`` if any.
         max_num_seqs: sequences decoded together (one KV cache slot each).
-        max_num_batched_tokens: prompt tokens prefilled per step (tokens), at least one prompt.
+        max_num_batched_tokens: tokens per step (vLLM's meaning): decoding rounds (``1 +
+            num_speculations`` a sequence) first, then prompt chunks fill the rest (chunked
+            prefill; at least one prompt token a step).
         max_model_len: prompt plus completion limit (tokens); ``None`` takes the model's
             ``max_position_embeddings``, capped at :data:`DEFAULT_MAX_MODEL_LEN_CAP`.
+        max_waiting_requests: the most sequences that may wait for a slot beyond the
+            ``max_num_seqs`` running ones (a request counts one per prompt and choice); the API
+            answers 503 with ``Retry-After`` past it. None: no bound.
+        allow_long_max_model_len: accept a ``max_model_len`` above the model's
+            ``max_position_embeddings`` (vLLM's ``VLLM_ALLOW_LONG_MAX_MODEL_LEN``); without it
+            such a length is refused at start-up, since positions past the trained context give
+            garbage and the KV cache grows with it.
         seed: seed of the engine's generator, which draws the noise of requests without their
             own ``seed`` (so a whole run repeats for the same arrivals), and of torch's global one.
     """
@@ -48,6 +57,8 @@ class EngineConfig:
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
+    max_waiting_requests: int | None = None
+    allow_long_max_model_len: bool = False
     seed: int = 0
 
 

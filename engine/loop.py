@@ -92,8 +92,7 @@ class EngineCore:
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {config.device!r} was asked for but no CUDA device is available")
         hf_config = read_config(config.model)
-        self.max_model_len = config.max_model_len or min(hf_config.max_position_embeddings,
-                                                          DEFAULT_MAX_MODEL_LEN_CAP)
+        self.max_model_len = _max_model_len(config, hf_config.max_position_embeddings)
         cache_len = self.max_model_len + MAX_NUM_SPECULATIONS + 1  # one round's drafts past the end
         ck = load_checkpoint(config.model, config.device, config.dtype, rope_len=cache_len)
         self.model, self.tokenizer = ck.model, ck.tokenizer
@@ -127,13 +126,16 @@ class EngineCore:
         self._token_text = functools.lru_cache(maxsize=1 << 16)(
             lambda i: self.tokenizer.decode([i], clean_up_tokenization_spaces=False))
         self._token_bytes = functools.lru_cache(maxsize=1 << 16)(TokenBytes(self.tokenizer))
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.num_speculations, _wants_prompt_logprobs)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._finished_outside_steps: list[FinishedStats] = []
         self.model_name = config.served_model_name or Path(config.model).name.removesuffix(".gguf")
         logger.info("engine ready: %d layers, exit_layer=%d, num_speculations=%d, "
-                    "max_model_len=%d, KV cache %.1f MiB", L, self.exit_layer,
-                    self.num_speculations, self.max_model_len, self.cache.nbytes / 2**20)
+                    "max_model_len=%d, KV cache %d slots x %d positions x %d layers = %d bytes "
+                    "(%.1f MiB)", L, self.exit_layer, self.num_speculations, self.max_model_len,
+                    config.max_num_seqs, cache_len, L, self.cache.nbytes,
+                    self.cache.nbytes / 2**20)
 
     def _set_draft_vocab(self) -> int:
         """FR-Spec: restrict the draft's head to the most frequent tokens of the configured (or
@@ -226,7 +228,8 @@ class EngineCore:
                           max_token_chars(self.tokenizer), self.cache.nbytes,
                           torch.get_num_threads() if self.model.device.type == "cpu" else None,
                           str(self.model.device), str(self.model.dtype).removeprefix("torch."),
-                          self.exit_layer)
+                          self.exit_layer, self.config.max_num_seqs,
+                          self.config.max_waiting_requests)
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request (validated with :meth:`validate_request`; raises its ``ValueError``)."""
@@ -256,7 +259,8 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def step(self) -> tuple[list[RequestOutput], StepStats]:
-        """Admit, prefill the new sequences, run one round for the others, emit outputs."""
+        """Schedule within the token budget, run the step's prompt chunks in one packed call
+        and one round for the decoding sequences, emit outputs."""
         start = time.perf_counter()
         self._round_seconds = 0.0
         sched = self.scheduler.schedule()
@@ -265,15 +269,18 @@ class EngineCore:
             seq.scheduled_time = admitted
         stats = self.queue_stats()
         results: list[tuple[Sequence, RoundOutput, int]] = []
-        for group in _prefill_groups(sched.prefill):
-            out = self.runner.prefill(
-                [s.token_ids for s in group], [s.slot for s in group], self._sampling(group),
-                [s.request.sampling.logprobs for s in group],
-                [s.request.sampling.prompt_logprobs for s in group])
-            for row, seq in enumerate(group):
+        chunks = [(s, n) for s, n in zip(sched.prefill, sched.chunk_sizes)
+                  if not _wants_prompt_logprobs(s)]
+        if chunks:
+            results.extend(self._prefill_chunks(chunks, stats))
+        for seq in sched.prefill:
+            if _wants_prompt_logprobs(seq):  # whole and alone: its logprobs need every position
+                sampling = seq.request.sampling
+                out = self.runner.prefill([seq.token_ids], [seq.slot], self._sampling([seq]),
+                                          [sampling.logprobs], [sampling.prompt_logprobs])
                 seq.num_computed_tokens = seq.num_prompt_tokens
                 stats.num_prompt_tokens += seq.num_prompt_tokens
-                results.append((seq, out, row))
+                results.append((seq, out, 0))
         if sched.decode:
             results.extend(self._decode(sched.decode, stats))
         outputs = [self._emit(seq, out, row, stats) for seq, out, row in results]
@@ -293,6 +300,23 @@ class EngineCore:
                           finished=self._finished_outside_steps)
         self._finished_outside_steps = []
         return stats
+
+    def _prefill_chunks(self, chunks: list[tuple[Sequence, int]], stats: StepStats):
+        """Every ``(sequence, chunk size)`` of the step in one packed forward call; the
+        sequences whose chunk ends their prompt sample their first token."""
+        seqs = [s for s, _ in chunks]
+        done = [r for r, (s, n) in enumerate(chunks)
+                if s.num_computed_tokens + n == s.num_prompt_tokens]
+        finishing = [seqs[r] for r in done]
+        out = self.runner.prefill_chunks(
+            [s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n] for s, n in chunks],
+            [s.num_computed_tokens for s in seqs], [s.slot for s in seqs], done,
+            self._sampling(finishing) if finishing else None,
+            [s.request.sampling.logprobs for s in finishing])
+        for seq, n in chunks:
+            seq.num_computed_tokens += n
+            stats.num_prompt_tokens += n
+        return [(seq, out, row) for row, seq in enumerate(finishing)]
 
     def _sampling(self, seqs: list[Sequence]) -> SamplingBatch | None:
         """The rows' sampling state (None when all are greedy without penalties: raw argmax);
@@ -426,16 +450,9 @@ class EngineCore:
         return [self.abort_request(seq.request_id, error=message) for seq in live]
 
 
-def _prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
-    """Prefills batched by prompt length; a sequence that wants prompt logprobs goes alone."""
-    groups: dict[int, list[Sequence]] = {}
-    alone = []
-    for seq in seqs:
-        if seq.request.sampling.prompt_logprobs is not None:
-            alone.append([seq])
-        else:
-            groups.setdefault(seq.num_prompt_tokens, []).append(seq)
-    return list(groups.values()) + alone
+def _wants_prompt_logprobs(seq: Sequence) -> bool:
+    """Such a sequence is prefilled whole and alone (never chunked)."""
+    return seq.request.sampling.prompt_logprobs is not None
 
 
 def _finished_stats(seq: Sequence, now: float) -> FinishedStats:
@@ -451,6 +468,28 @@ def _finished_stats(seq: Sequence, now: float) -> FinishedStats:
 def _sampled(seqs: list[Sequence]) -> bool:
     """Whether a round over ``seqs`` samples or penalises (the controller prices those apart)."""
     return any(not s.request.sampling.greedy or s.request.sampling.has_penalties for s in seqs)
+
+
+def _max_model_len(config: EngineConfig, max_position_embeddings: int) -> int:
+    """The served ``max_model_len``: the configured one, else the model's context capped at
+    :data:`DEFAULT_MAX_MODEL_LEN_CAP`.
+
+    Raises:
+        ValueError: a configured length above ``max_position_embeddings`` without
+            ``allow_long_max_model_len`` (vLLM refuses the same unless
+            ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1``), or one below 1.
+    """
+    if config.max_model_len is None:
+        return min(max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)
+    if config.max_model_len < 1:
+        raise ValueError(f"max_model_len must be at least 1, got {config.max_model_len}")
+    if config.max_model_len > max_position_embeddings and not config.allow_long_max_model_len:
+        raise ValueError(
+            f"max_model_len {config.max_model_len} is longer than the model's context "
+            f"(max_position_embeddings = {max_position_embeddings}): positions past it give "
+            "unreliable output and every KV cache slot grows with it. Pass "
+            "--allow-long-max-model-len (LAYERSKIP_ALLOW_LONG_MAX_MODEL_LEN=1) to serve it anyway.")
+    return config.max_model_len
 
 
 def _pick(explicit, from_checkpoint, fallback):

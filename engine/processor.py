@@ -34,6 +34,10 @@ class EngineInfo:
         device: the device the weights are on (``cpu``, ``cuda:0``).
         dtype: the weights' and KV cache's dtype (``float32``, ``bfloat16``).
         exit_layer: the engine's default exit layer ``E``.
+        max_num_seqs: sequences the engine runs at once.
+        max_waiting_requests: the most sequences that may wait beyond those (None: no bound);
+            the API process counts its outstanding sequences against ``max_num_seqs +
+            max_waiting_requests`` and refuses past it without asking the engine.
     """
 
     model_name: str
@@ -49,6 +53,8 @@ class EngineInfo:
     device: str = ""
     dtype: str = ""
     exit_layer: int = 0
+    max_num_seqs: int = 1
+    max_waiting_requests: int | None = None
 
 
 def max_token_chars(tokenizer) -> int:

@@ -83,6 +83,9 @@ class EngineRequest:
         exit_layer: this request's draft exit layer (None: the engine's).
         num_speculations: this request's drafts per round, fixed (0: speculation off; None: the
             engine's, adapted to the request's acceptance).
+        group_id: the client request this one belongs to (the prompts and ``n`` choices of one
+            HTTP request share it); the scheduler admits waiting sequences round robin by group.
+            None: its own ``request_id``.
     """
 
     request_id: str
@@ -93,6 +96,7 @@ class EngineRequest:
     sampling: SamplingParams = GREEDY
     exit_layer: int | None = None
     num_speculations: int | None = None
+    group_id: str | None = None
 
 
 class SequenceStatus(enum.IntEnum):
@@ -137,6 +141,7 @@ class Sequence:
     def __init__(self, request: EngineRequest):
         self.request = request
         self.request_id = request.request_id
+        self.group_id = request.group_id or request.request_id
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_computed_tokens = 0

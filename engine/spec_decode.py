@@ -125,6 +125,40 @@ class SpecDecodeRunner:
                                                         num_prompt_logprobs[r])
         return out
 
+    @torch.inference_mode()
+    def prefill_chunks(self, chunks: list[list[int]], starts: list[int], slots: list[int],
+                       sample_rows: list[int], sb: SamplingBatch | None = None,
+                       num_logprobs: list[int | None] | None = None) -> RoundOutput:
+        """Chunked prefill: run all layers on ``B`` prompt chunks of any lengths in one packed
+        forward call (:meth:`models.llama.LlamaModel.packed_attention_batch`).
+
+        Args:
+            chunks: row ``b``'s tokens, at positions ``starts[b]..starts[b]+len−1``; its
+                positions before ``starts[b]`` already hold valid KV.
+            starts: each chunk's first position.
+            slots: each row's cache slot.
+            sample_rows: the rows whose chunk ends their prompt, in order: each samples its
+                first token from its last position (the others only write KV).
+            sb: the sample rows' sampling state (None: greedy).
+            num_logprobs: per sample row, top log-probabilities to return.
+
+        Returns: a :class:`RoundOutput` with one row per entry of ``sample_rows``.
+        """
+        m, dev = self.model, self.device
+        lengths = [len(c) for c in chunks]
+        ids = torch.tensor([t for c in chunks for t in c], device=dev)[None]  # (1, T)
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        batch = m.packed_attention_batch(torch.tensor(slots, device=dev), lengths, starts,
+                                         (slots[0], slots[0] + len(slots)) if contiguous else None)
+        hidden = m.forward_layers(m.embed(ids), 0, m.num_layers, self.cache, batch)  # (1, T, D)
+        if not sample_rows:
+            return RoundOutput([], [], [])
+        ends = torch.tensor(lengths, device=dev).cumsum(0) - 1  # (B,) each row's last token
+        last = hidden[0, ends[sample_rows]][:, None]  # (R, 1, D)
+        sb = None if sb is None or sb.all_greedy_plain else sb
+        return self._finish(m.logits(last), ids.new_empty(len(sample_rows), 0), None, sb, None,
+                            num_logprobs)
+
     def _prompt_logprobs(self, hidden: torch.Tensor, next_ids: torch.Tensor, n: int) -> list:
         """``(n−1, D)`` hidden states and the ``(n−1,)`` tokens they predict → their logprobs."""
         result = []

@@ -48,6 +48,11 @@ class AttentionBatch:
         num_keys: ``S``, the key positions read from the cache (the largest position, plus one).
         slot_range: ``(first, last + 1)`` when the slots are consecutive, so the cache can be read
             as a view instead of gathered.
+        pad_index: packed calls only (:meth:`LlamaModel.packed_attention_batch`): ``(T,)``, where
+            each of the ``T`` packed tokens sits in the padded ``(B · T_max)`` query layout; its
+            slot is ``slots[pad_index // T_max]``. None for an ordinary ``(B, T)`` batch.
+        max_chunk: packed calls only: ``T_max``, the longest row's token count.
+        token_slots: packed calls only: ``(1, T)`` the cache slot of each packed token.
     """
 
     slots: torch.Tensor
@@ -57,6 +62,9 @@ class AttentionBatch:
     mask: torch.Tensor | None
     num_keys: int
     slot_range: tuple[int, int] | None
+    pad_index: torch.Tensor | None = None
+    max_chunk: int = 0
+    token_slots: torch.Tensor | None = None
 
 
 class LlamaModel:
@@ -179,6 +187,33 @@ class LlamaModel:
             mask=mask, num_keys=num_keys, slot_range=slot_range,
         )
 
+    def packed_attention_batch(self, slots: torch.Tensor, lengths: list[int], starts: list[int],
+                               slot_range: tuple[int, int] | None = None) -> AttentionBatch:
+        """The geometry of ``B`` chunks of different lengths packed into one ``(1, T)`` call
+        (chunked prefill: every prefill chunk of a step in one forward, whatever its length).
+
+        Row ``b`` brings ``lengths[b]`` tokens at positions ``starts[b]..starts[b]+lengths[b]−1``
+        of cache slot ``slots[b]``. The projections and MLPs run on the ``T = Σ lengths`` packed
+        tokens (no padding); only attention scatters the queries into a padded ``(B, T_max)``
+        layout, so each row attends over its own slot's keys (FlashAttention's "varlen" idea
+        with a plain gather). Padding never writes KV. Host lists in, so no device sync.
+        """
+        dev, B, t_max = slots.device, len(lengths), max(lengths)
+        pad_index = torch.tensor([b * t_max + i for b, n in enumerate(lengths) for i in range(n)],
+                                 device=dev)  # (T,)
+        positions = torch.tensor([s + i for s, n in zip(starts, lengths) for i in range(n)],
+                                 device=dev)[None]  # (1, T)
+        num_keys = max(s + n for s, n in zip(starts, lengths))
+        pad_pos = torch.zeros(B * t_max, dtype=torch.long, device=dev)  # a pad query sees key 0
+        pad_pos[pad_index] = positions[0]
+        key_pos = torch.arange(num_keys, device=dev)  # (S,)
+        mask = (key_pos[None, None, :] <= pad_pos.view(B, t_max, 1))[:, None]  # (B, 1, T_max, S)
+        return AttentionBatch(slots=slots, positions=positions,
+                              cos=self.rope_cos[positions][:, :, None],
+                              sin=self.rope_sin[positions][:, :, None], mask=mask,
+                              num_keys=num_keys, slot_range=slot_range, pad_index=pad_index,
+                              max_chunk=t_max, token_slots=slots[pad_index // t_max][None])
+
     def forward_layers(self, hidden: torch.Tensor, start: int, end: int, cache,
                        batch: AttentionBatch) -> torch.Tensor:
         """Run decoder layers ``[start, end)`` on ``(B, T, D)`` hidden states; return ``(B, T, D)``.
@@ -200,12 +235,29 @@ class LlamaModel:
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
         k_all, v_all = _cache_update(cache.k[i], cache.v[i], qk[:, :, H:], qkv[:, :, H + KV:],
                                      batch)  # (B, KV, S, hd) each
-        attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=batch.mask,
-                                              enable_gqa=H != KV)  # (B, H, T, hd)
-        h = h + attn.transpose(1, 2).reshape(B, T, H * hd) @ w["o"]
+        if batch.pad_index is None:
+            attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=batch.mask,
+                                                  enable_gqa=H != KV)  # (B, H, T, hd)
+            attn = attn.transpose(1, 2).reshape(B, T, H * hd)
+        else:
+            attn = _packed_attention(q, k_all, v_all, batch, H != KV)  # (1, T, H·hd)
+        h = h + attn @ w["o"]
         x = F.rms_norm(h, (s.hidden_size,), w["ln2"], s.rms_norm_eps)
         gate, up = (x @ w["gate_up"]).chunk(2, dim=-1)  # (B, T, I) each
         return h + (F.silu(gate) * up) @ w["down"]
+
+
+def _packed_attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
+                      batch: AttentionBatch, gqa: bool) -> torch.Tensor:
+    """Attention of ``(1, H, T, hd)`` packed queries over their rows' ``(B, KV, S, hd)`` keys:
+    queries scattered into ``(B, H, T_max, hd)``, attended, gathered back; ``(1, T, H·hd)``."""
+    _, H, T, hd = q.shape
+    B, t_max = k_all.shape[0], batch.max_chunk
+    padded = q.new_zeros(B * t_max, H, hd).index_copy_(0, batch.pad_index, q[0].transpose(0, 1))
+    padded = padded.view(B, t_max, H, hd).transpose(1, 2)  # (B, H, T_max, hd)
+    attn = F.scaled_dot_product_attention(padded, k_all, v_all, attn_mask=batch.mask,
+                                          enable_gqa=gqa)  # (B, H, T_max, hd)
+    return attn.transpose(1, 2).reshape(B * t_max, H * hd)[batch.pad_index][None]  # (1, T, H·hd)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -217,7 +269,10 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 def _cache_update(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Write ``(B, T, KV, hd)`` keys/values at the batch's slots and positions; read ``(B, KV, S, hd)``."""
-    rows = batch.slots[:, None]  # (B, 1), broadcast against positions (B, T)
+    if batch.token_slots is not None:  # packed: (1, T) tokens, each with its own row's slot
+        rows = batch.token_slots  # (1, T)
+    else:
+        rows = batch.slots[:, None]  # (B, 1), broadcast against positions (B, T)
     k_cache[rows, :, batch.positions] = k
     v_cache[rows, :, batch.positions] = v
     num_keys = batch.num_keys

@@ -83,9 +83,13 @@ FLAGS = (
      "on CUDA", DTYPES),
     ("device", _device, "cpu", "cpu, cuda or cuda:N"),
     ("max-num-seqs", int, 8, "sequences decoded together"),
-    ("max-num-batched-tokens", int, 2048, "prompt tokens prefilled per step"),
-    ("max-model-len", int, None, "prompt + completion limit in tokens (default: the model's, at "
-     "most 8192)"),
+    ("max-num-batched-tokens", int, 2048, "tokens per step: decoding rounds first, then prompt "
+     "chunks fill the rest (chunked prefill)"),
+    ("max-model-len", int, None, "prompt + completion limit in tokens (default: the model's)"),
+    ("allow-long-max-model-len", "bool", False, "accept a --max-model-len above the model's "
+     "context (vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN); refused at start-up otherwise"),
+    ("max-waiting-requests", int, 1024, "most sequences (prompts x n) waiting beyond the "
+     "max-num-seqs running ones; past it requests get 503 + Retry-After; 0 turns the bound off"),
     ("seed", int, 0, "random seed"),
     ("cpu-threads", int, None, "torch threads of the engine process on the CPU (default: the "
      "usable cores less one, at least 1, leaving a core to the HTTP process)"),
@@ -192,6 +196,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, seed=args.seed,
+        max_waiting_requests=args.max_waiting_requests or None,
+        allow_long_max_model_len=args.allow_long_max_model_len,
     )
 
 
@@ -236,11 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, RuntimeError) as exc:  # CheckpointError included: no traceback
         raise SystemExit(f"layerskip-serve: {' '.join(str(exc).split())}") from None
     log = logging.getLogger("layerskip-serve")
-    log.info("serving %s from %s: device %s, dtype %s, %s cpu threads, KV cache %.1f MiB, "
-             "max_model_len %d, engine process %d", info.model_name, info.model_path,
-             info.device or args.device, info.dtype or args.dtype,
-             info.cpu_threads if info.cpu_threads is not None else "no",
-             info.num_kv_cache_bytes / 2**20, info.max_model_len, engine.pid)
+    log.info("serving %s from %s: device %s, dtype %s, %s cpu threads, KV cache %d bytes "
+             "(%.1f MiB), max_model_len %d, max_waiting_requests %s, engine process %d",
+             info.model_name, info.model_path, info.device or args.device,
+             info.dtype or args.dtype, info.cpu_threads if info.cpu_threads is not None else "no",
+             info.num_kv_cache_bytes, info.num_kv_cache_bytes / 2**20, info.max_model_len,
+             info.max_waiting_requests, engine.pid)
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach the port can use "
                     "the API", args.host)

@@ -32,12 +32,15 @@ class APIError(Exception):
         param: the request field at fault, if one is.
         code: a machine-readable code (e.g. ``model_not_found``).
         type: the OpenAI error type.
+        headers: extra response headers (``Retry-After`` on a 503 overload).
     """
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type: str = "invalid_request_error"):
+                 code: str | None = None, type: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
 
 def error_body(message: str, type: str, param: str | None = None, code=None) -> dict:
@@ -69,7 +72,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
-        return ErrorJSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status)
+        return ErrorJSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status,
+                                 headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

@@ -140,7 +140,8 @@ def _engine_requests(body: SamplingFields, engine, response_id: str, prompts: li
                 f"{response_id}-{p * body.n + c}", tuple(ids), limit, ignore_eos=body.ignore_eos,
                 sampling=sampling_params(body, engine.default_sampling, c, logprobs,
                                          prompt_logprobs),
-                exit_layer=body.exit_layer, num_speculations=body.num_speculations)
+                exit_layer=body.exit_layer, num_speculations=body.num_speculations,
+                group_id=response_id)
             try:
                 engine.validate_request(request)
             except InvalidRequestError as exc:

@@ -17,7 +17,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from engine.client import EngineDeadError
+from engine.client import EngineDeadError, EngineOverloadedError
 from engine.request import InvalidRequestError
 from server import package_version
 from server.errors import APIError
@@ -101,6 +101,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     engine = _engine(request)
     response_id = f"cmpl-{uuid.uuid4().hex}"
     _check_accepting(request)
+    _check_capacity(engine, _num_prompts(body.prompt) * body.n)
     requests, prompts = await _off_loop_if_long(body.prompt, completion_requests, body, engine,
                                                 response_id)
     formatter = CompletionFormatter(response_id, engine.model_name, prompts, body.n, body.echo,
@@ -117,6 +118,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine = _engine(request)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     _check_accepting(request)
+    _check_capacity(engine, body.n)
     requests, prompts = await _off_loop_if_long(body.messages, chat_requests, body, engine,
                                                 response_id)
     formatter = ChatFormatter(response_id, engine.model_name, body.n, int(time.time()),
@@ -173,7 +175,35 @@ def _check_accepting(request: Request) -> None:
         raise APIError(503, "the server is shutting down", type="server_error")
 
 
+def _num_prompts(prompt) -> int:
+    """Prompts in a completions ``prompt`` field: a string or one token-id list is one."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)
+
+
+def _check_capacity(engine, num_seqs: int, reserve: list[str] | None = None) -> None:
+    """Refuse a request the waiting queue has no room for: 503 with ``Retry-After``, answered
+    from the API process's own count of outstanding sequences (no round trip to the engine).
+
+    503 rather than 429: the server as a whole is out of capacity, not this client over a quota
+    of its own; 503 + ``Retry-After`` is what load balancers and the ``openai`` client's retry
+    loop treat as "try again shortly, maybe elsewhere" (README, "Overload").
+    """
+    try:
+        if reserve is None:
+            engine.check_capacity(num_seqs)
+        else:
+            engine.reserve(reserve)
+    except EngineOverloadedError as exc:
+        raise APIError(503, str(exc), type="server_error", code="server_overloaded",
+                       headers={"Retry-After": str(exc.retry_after)}) from exc
+    except InvalidRequestError as exc:
+        raise APIError(400, str(exc), exc.param) from exc
+
+
 async def _respond(request: Request, engine, body, requests, formatter):
+    _check_capacity(engine, len(requests), reserve=[r.request_id for r in requests])
     streams = [engine.generate(r) for r in requests]
     if body.stream:
         options = body.stream_options

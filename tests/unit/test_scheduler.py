@@ -16,17 +16,13 @@ def test_admits_fcfs_up_to_max_num_seqs_and_backfills_freed_slots():
     seqs = [_seq(i) for i in range(3)]
     for s in seqs:
         sched.add(s)
-    out = sched.schedule()
-    assert [s.request_id for s in out.prefill] == ["r0", "r1"] and out.decode == []
-    assert [s.slot for s in out.prefill] == [0, 1]
+    assert _run(sched) == ([("r0", 3), ("r1", 3)], [])
+    assert [s.slot for s in seqs[:2]] == [0, 1]
     assert seqs[2].status == SequenceStatus.WAITING
-    out = sched.schedule()
-    assert out.prefill == [] and [s.request_id for s in out.decode] == ["r0", "r1"]
+    assert _run(sched) == ([], ["r0", "r1"])
     sched.finish(seqs[0], SequenceStatus.FINISHED_LENGTH)
     assert seqs[0].slot is None
-    out = sched.schedule()
-    assert [s.request_id for s in out.prefill] == ["r2"] and seqs[2].slot == 0
-    assert [s.request_id for s in out.decode] == ["r1"]
+    assert _run(sched) == ([("r2", 3)], ["r1"]) and seqs[2].slot == 0
 
 
 def test_finishing_a_waiting_sequence_removes_it():
@@ -61,11 +57,95 @@ def test_slot_allocator_refuses_double_free_and_exhaustion():
     assert slots.allocate() == 0
 
 
-def test_prompt_token_budget_spreads_admissions_over_steps():
+def _run(sched: Scheduler):
+    """One step as the engine runs it: chunks advance ``num_computed_tokens``; a finished prompt
+    gets its first token; a decoding sequence gets one. Returns ``(prefill, decode)`` as
+    ``[(request_id, chunk size)]`` and ``[request_id]``."""
+    out = sched.schedule()
+    for seq, n in zip(out.prefill, out.chunk_sizes):
+        seq.num_computed_tokens += n
+        if seq.num_computed_tokens == seq.num_prompt_tokens:
+            seq.token_ids.append(7)
+    for seq in out.decode:
+        seq.num_computed_tokens += 1
+        seq.token_ids.append(7)
+    return ([(s.request_id, n) for s, n in zip(out.prefill, out.chunk_sizes)],
+            [s.request_id for s in out.decode])
+
+
+def test_one_token_budget_decodes_first_and_chunks_prompts_over_steps():
     sched = Scheduler(max_num_seqs=8, max_num_batched_tokens=10)
     for i, n in enumerate([4, 5, 3, 20, 2]):
         sched.add(_seq(i, n))
-    assert [s.request_id for s in sched.schedule().prefill] == ["r0", "r1"]  # 4 + 5 ≤ 10 < 12
-    assert [s.request_id for s in sched.schedule().prefill] == ["r2"]  # 3, then 20 does not fit
-    assert [s.request_id for s in sched.schedule().prefill] == ["r3"]  # alone, although > 10
-    assert [s.request_id for s in sched.schedule().prefill] == ["r4"]
+    assert _run(sched) == ([("r0", 4), ("r1", 5), ("r2", 1)], [])
+    # r0 and r1 decode (2 tokens); r2 finishes its prompt, r3 starts its 20 in chunks.
+    assert _run(sched) == ([("r2", 2), ("r3", 6)], ["r0", "r1"])
+    assert _run(sched) == ([("r3", 7)], ["r0", "r1", "r2"])
+    assert _run(sched) == ([("r3", 7)], ["r0", "r1", "r2"])  # the budget is spent: r4 waits
+    assert _run(sched) == ([("r4", 2)], ["r0", "r1", "r2", "r3"])
+    for seq in sched.running:
+        assert seq.num_computed_tokens <= len(seq.token_ids)
+
+
+def test_a_long_prompt_never_stops_the_running_sequences():
+    sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=8, num_lookahead_tokens=2)
+    sched.add(_seq(0, 3))
+    assert _run(sched) == ([("r0", 3)], [])
+    sched.add(_seq(1, 50))
+    steps = 0
+    while sched.find("r1").num_computed_tokens < 50:
+        prefill, decode = _run(sched)
+        assert decode == ["r0"] and prefill == [("r1", min(5, 50 - 5 * steps))]  # 8 − (1 + 2)
+        steps += 1
+    assert steps == 10
+
+
+def test_decoding_past_the_budget_still_gives_prefill_a_token():
+    sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=4, num_lookahead_tokens=4)
+    sched.add(_seq(0, 2))
+    _run(sched)
+    sched.add(_seq(1, 3))
+    assert _run(sched) == ([("r1", 1)], ["r0"])
+
+
+def test_a_whole_prompt_sequence_is_never_chunked():
+    sched = Scheduler(max_num_seqs=4, max_num_batched_tokens=5,
+                      prefill_whole=lambda s: s.request_id == "r1")
+    sched.add(_seq(0, 2))
+    sched.add(_seq(1, 9))
+    assert _run(sched) == ([("r0", 2)], [])  # r1 does not fit in the 3 left: it waits
+    sched.finish(sched.find("r0"), SequenceStatus.FINISHED_LENGTH)
+    assert _run(sched) == ([("r1", 9)], [])  # alone, past the budget
+
+
+def _grouped(group: str, i: int) -> Sequence:
+    return Sequence(EngineRequest(f"{group}-{i}", (1, 2, 3), 4, group_id=group))
+
+
+def test_admission_is_round_robin_by_client_request():
+    """A request of many prompts cannot hold another client's request behind all of them."""
+    sched = Scheduler(max_num_seqs=2)
+    big = [_grouped("big", i) for i in range(100)]
+    for s in big:
+        sched.add(s)
+    assert [s.request_id for s in sched.schedule().prefill] == ["big-0", "big-1"]
+    small = _grouped("small", 0)
+    sched.add(small)
+    sched.finish(big[0], SequenceStatus.FINISHED_LENGTH)
+    sched.finish(big[1], SequenceStatus.FINISHED_LENGTH)
+    # A new group has never been served, so it is admitted at the first free slot.
+    assert [s.request_id for s in sched.schedule().prefill] == ["small-0", "big-2"]
+    assert len(sched.waiting) == 97 and sched.find("big-50") is big[50]
+    sched.finish(big[50], SequenceStatus.FINISHED_ABORTED)
+    assert len(sched.waiting) == 96 and sched.find("big-50") is None
+    assert "big-50" not in [s.request_id for s in sched.waiting]
+
+
+def test_three_groups_take_turns():
+    sched = Scheduler(max_num_seqs=6)
+    for g in "abc":
+        for i in range(3 if g == "a" else 2):
+            sched.add(_grouped(g, i))
+    order = [s.request_id for s in sched.schedule().prefill]
+    assert order == ["a-0", "b-0", "c-0", "a-1", "b-1", "c-1"]
+    assert [s.request_id for s in sched.waiting] == ["a-2"]
