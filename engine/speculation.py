@@ -34,9 +34,9 @@ over ``k ∈ 1..k_max`` and ``m`` drafting rows (the rows most likely to accept,
 never loses by the model's own measure). When plain wins for a group, a one-draft probe round runs
 after :data:`FIRST_PROBE_INTERVAL` rounds, the interval doubling on each probe that does not
 change the decision, up to :data:`MAX_PROBE_INTERVAL` — the evidence that lets a context whose
-drafts start to agree turn speculation back on — and from then on never so often that the probes'
-extra time exceeds :data:`PROBE_BUDGET` of the plain rounds' (a model whose one-draft rounds cost
-twice a plain one probes every 100 rounds). Likewise every :data:`LONGER_PROBE_INTERVAL` drafting
+drafts start to agree turn speculation back on — but after the first one never so often that the
+probes' extra time exceeds :data:`PROBE_BUDGET` of the plain rounds' (a model whose one-draft
+rounds cost twice a plain one probes every 100 rounds). Likewise every :data:`LONGER_PROBE_INTERVAL` drafting
 rounds one drafts one token more than chosen, so the next position's acceptance stays measured. DEL (Zarch et al. 2025, arXiv 2504.05598) and
 the SpecDec++ / BanditSpec line adapt the speculation length to context in the same spirit; this
 one prices it by measured time. Plain Python over numbers.
@@ -309,7 +309,7 @@ class SpeculationController:
         else:
             group.plain_rounds += 1
             if group.plain_rounds > group.probe_interval and (
-                    group.probe_interval < MAX_PROBE_INTERVAL
+                    group.probe_interval == FIRST_PROBE_INTERVAL
                     or group.plain_rounds >= self._probe_spacing(exit_layer, B, costs)):
                 group.plain_rounds = 0
                 group.probe_interval = min(2 * group.probe_interval, MAX_PROBE_INTERVAL)
