@@ -22,9 +22,11 @@ it might be the start of a stop string, and every step checks each string."""
 MAX_STOP_TOKEN_IDS = 1024
 """The most ``stop_token_ids`` per request: every step checks every generated token against
 them (a million ids made another user's request 3× slower)."""
-MAX_CHOICES = 128
-"""The most choices one request may ask for, ``n`` × the number of prompts (OpenAI caps ``n`` at
-128): each is a sequence of its own in the batch."""
+MAX_CHOICES = 4096
+"""The most choices one request may ask for, ``n`` × the number of prompts: each is a sequence of
+its own in the batch. Admission is round robin by request (``engine.scheduler``), so a large
+request does not hold others behind it; the engine's queue bound (``--max-num-seqs`` +
+``--max-waiting-requests``) refuses a request larger than it can ever queue, too."""
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
 INT64 = 2**63
