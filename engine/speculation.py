@@ -59,6 +59,22 @@ PROBE_BUDGET = 0.01  # probes may cost at most this share of the plain rounds' t
 CALIBRATION_REPEATS = 3  # timed rounds per (batch size, k) at start-up, after one warm-up
 
 
+def _observe(accepted: list[float], examined: list[float], k: int, num_accepted: int,
+             decay: float) -> None:
+    """Fold one round (``k`` drafts, ``num_accepted`` of them accepted) into per-position EMAs
+    in place: every position decays by ``decay``; positions ``0..num_accepted`` (up to ``k − 1``)
+    were examined, and the first ``num_accepted`` of them accepted."""
+    while len(examined) < k:
+        accepted.append(0.0)
+        examined.append(0.0)
+    for i in range(len(examined)):
+        accepted[i] *= decay
+        examined[i] *= decay
+    for i in range(min(num_accepted + 1, k)):
+        examined[i] += 1.0
+        accepted[i] += 1.0 if i < num_accepted else 0.0
+
+
 @dataclass
 class SpecState:
     """One sequence's acceptance evidence: per draft position, EMAs of rounds that examined it
@@ -69,16 +85,7 @@ class SpecState:
 
     def observe(self, k: int, num_accepted: int) -> None:
         """A round that drafted ``k`` and accepted ``num_accepted`` (``0..k``)."""
-        grow = k - len(self.examined)
-        if grow > 0:
-            self.accepted += [0.0] * grow
-            self.examined += [0.0] * grow
-        for i in range(len(self.examined)):
-            self.accepted[i] *= SEQ_DECAY
-            self.examined[i] *= SEQ_DECAY
-        for i in range(min(num_accepted + 1, k)):
-            self.examined[i] += 1.0
-            self.accepted[i] += 1.0 if i < num_accepted else 0.0
+        _observe(self.accepted, self.examined, k, num_accepted, SEQ_DECAY)
 
     def idle(self) -> None:
         """A round in which the sequence did not draft."""
@@ -106,15 +113,7 @@ class AcceptancePrior:
 
     def observe(self, k: int, num_accepted: int) -> None:
         """One row's round (as :meth:`SpecState.observe`)."""
-        while len(self.examined) < k:
-            self.accepted.append(0.0)
-            self.examined.append(0.0)
-        for i in range(len(self.examined)):
-            self.accepted[i] *= PRIOR_DECAY
-            self.examined[i] *= PRIOR_DECAY
-        for i in range(min(num_accepted + 1, k)):
-            self.examined[i] += 1.0
-            self.accepted[i] += 1.0 if i < num_accepted else 0.0
+        _observe(self.accepted, self.examined, k, num_accepted, PRIOR_DECAY)
 
     def rates(self, n: int) -> list[float]:
         """``n`` per-position rates."""
