@@ -49,7 +49,7 @@ class EngineConfig:
         gpu_memory_utilization: CUDA only, without ``kv_cache_memory_bytes``: the fraction of
             the device's memory the engine may hold, weights and KV cache together (vLLM's).
         enable_prefix_caching: reuse the KV blocks of cached prompt prefixes across requests
-            (vLLM's automatic prefix caching).
+            (vLLM's automatic prefix caching, on by default as in vLLM v1).
         seed: seed of the engine's generator, which draws the noise of requests without their
             own ``seed`` (so a whole run repeats for the same arrivals), and of torch's global one.
     """
@@ -71,7 +71,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     seed: int = 0
 
 

@@ -12,7 +12,8 @@ def test_speedup_benchmark_runs_and_reports_equal_outputs(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "speedup.py"), "--num-prompts", "2",
-         "--max-tokens", "8", "--prompt-tokens", "32", "--split", "valid", "--repeats", "1", "--out", str(out)],
+         "--max-tokens", "8", "--prompt-tokens", "32", "--split", "valid", "--repeats", "1", "--out", str(out),
+         "--no-adaptive-speculation"],  # adaptive may rightly draft nothing on a loaded machine
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "speedup:" in proc.stdout and "acceptance rate:" in proc.stdout
