@@ -207,7 +207,9 @@ def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
             return scores.masked_fill(~(keep | whole), float("-inf"))
     sorted_scores, order = scores.sort(-1, descending=True)
     probs = sorted_scores.softmax(-1)
-    drop = probs.cumsum(-1) - probs > top_p  # the most likely token is always kept
+    # The most likely token is always kept; a top_p = 1 row keeps all (its cumsum may pass 1
+    # by a rounding error).
+    drop = (probs.cumsum(-1) - probs > top_p) & (top_p < 1.0)
     return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
