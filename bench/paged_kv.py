@@ -47,11 +47,10 @@ def child(num_prompts: int, prompt_len: int, max_tokens: int) -> None:
     for arm, (k, batch) in ARMS.items():
         core = EngineCore(EngineConfig(model=str(BUNDLED_MODEL), num_speculations=k,
                                        adaptive_speculation=False, max_num_seqs=batch))
-        files = corpus.split_files("test")
-        prompts = []
-        for path in files[::max(1, len(files) // num_prompts)][:num_prompts]:
-            ids = core.tokenizer.encode(path.read_text(errors="replace"))
-            prompts.append(ids[:prompt_len])
+        files = [f for f in corpus.stdlib_files("test")
+                 if len(corpus.read_text(f)) > 8 * prompt_len]
+        prompts = [core.tokenizer.encode(corpus.read_text(f))[:prompt_len]
+                   for f in files[::max(1, len(files) // num_prompts)][:num_prompts]]
         tokens, seconds = 0, 0.0
         for lo in range(0, len(prompts), batch):
             for i, p in enumerate(prompts[lo:lo + batch]):
@@ -70,7 +69,9 @@ def run_child(tree: Path, args) -> dict:
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
                           "--num-prompts", str(args.num_prompts), "--prompt-len",
                           str(args.prompt_len), "--max-tokens", str(args.max_tokens)],
-                         cwd=tree, env=env, capture_output=True, text=True, check=True)
+                         cwd=tree, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"the run in {tree} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -206,11 +206,12 @@ async def run_http(url: str, model: str, prompts, max_tokens: int, concurrency: 
     return run
 
 
-def start_server(port: int, threads: int | None, log: Path):
-    """``layerskip-serve`` with its default flags (plus ``--cpu-threads`` if given) on ``port``."""
+def start_server(port: int, threads: int | None, log: Path, extra: tuple[str, ...] = ()):
+    """``layerskip-serve`` with its default flags (plus ``--cpu-threads`` if given, and
+    ``extra``) on ``port``."""
     import httpx
 
-    command = [sys.executable, "-m", "server", "--port", str(port)]
+    command = [sys.executable, "-m", "server", "--port", str(port), *extra]
     if threads:
         command += ["--cpu-threads", str(threads)]
     proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
