@@ -77,6 +77,31 @@ async def closed_loop(url: str, prompts, max_tokens: int, concurrency: int, mode
             "cached_share": totals["cached"] / totals["prompt"], "texts": texts}
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """TTFT p50 and tokens/s against concurrency, prefix caching on and off, plain and spec."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (mode, cache), style in {("plain", "cached"): "C0-", ("plain", "uncached"): "C0--",
+                                 ("spec", "cached"): "C1-", ("spec", "uncached"): "C1--"}.items():
+        sel = sorted((r for r in rows if (r["mode"], r["prefix_caching"]) == (mode, cache)),
+                     key=lambda r: r["concurrency"])
+        xs = [r["concurrency"] for r in sel]
+        label = f"{mode}, prefix caching {'on' if cache == 'cached' else 'off'}"
+        axes[0].plot(xs, [1000 * r["ttft_p50"] for r in sel], style, marker="o", label=label)
+        axes[1].plot(xs, [r["tokens_per_second"] for r in sel], style, marker="o", label=label)
+    axes[0].set(title="shared prefix: TTFT p50 (ms)", xscale="log", yscale="log",
+                xlabel="concurrency")
+    axes[1].set(title="shared prefix: tokens/s", xscale="log", xlabel="concurrency")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concurrency", default="1,4,16")
@@ -148,6 +173,7 @@ def main(argv=None) -> None:
               f"{1000 * r['itl_p50']:>8.1f} {1000 * r['itl_p99']:>7.1f} "
               f"{r['tokens_per_second']:>7.1f} {r['cached_share']:>7.2f} "
               f"{'' if ratio is None else f'{ratio:.2f}x':>11}")
+    plot(rows, args.out / "prefix-cache.png")
     out = args.out / "prefix-cache.json"
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                "mismatches": mismatches, "rows": rows}, indent=1))

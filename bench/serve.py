@@ -24,7 +24,7 @@ Prompts come from two sets, neither trained on nor used to choose any default:
 
     python bench/serve.py                    # the README's table and plot
     python bench/serve.py --cpu-threads 2    # the engine on two threads instead of the default
-    python bench/serve.py --quick            # a small smoke run (the test suite uses it)
+    python bench/serve.py --quick            # a small smoke run
     python bench/serve.py --sets shared --concurrency 1,4,16   # the shared-prefix workload
 
 Needs ``pip install -e '.[bench]'`` (httpx, matplotlib).

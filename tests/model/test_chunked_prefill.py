@@ -31,7 +31,8 @@ def test_every_chunk_size_matches_whole_prompt_plain_decoding(expected, make_cor
     assert max(len(p) for p in prompts) < 64  # the largest budget prefills every prompt whole
     for k in (0, 3):
         core = make_core(model=bundled_model, num_speculations=k, adaptive_speculation=False,
-                         exit_layer=4, max_num_seqs=4, max_num_batched_tokens=budget)
+                         exit_layer=4, max_num_seqs=4, max_num_batched_tokens=budget,
+                         block_size=4)  # chunks start and end inside and across blocks
         calls = []
         real = core.runner.prefill_chunks
         core.runner.prefill_chunks = lambda chunks, *a, **kw: (calls.append([len(c) for c in chunks]),
