@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,7 +50,8 @@ def test_prefix_cache_benchmark_serves_the_shared_prefix_from_the_cache(tmp_path
     prefix as cached tokens, the uncached one none, and both give the same texts."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "prefix_cache.py"),
                            "--concurrency", "1", "--repeats", "1", "--max-tokens", "4",
-                           "--prompts-per-client", "1", "--port", "8795", "--out", str(tmp_path)],
+                           "--prompts-per-client", "1", "--port", str(free_port()),
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "prefix-cache.json").read_text())
