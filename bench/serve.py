@@ -24,7 +24,7 @@ Prompts come from two sets, neither trained on nor used to choose any default:
 
     python bench/serve.py                    # the README's table and plot
     python bench/serve.py --cpu-threads 2    # the engine on two threads instead of the default
-    python bench/serve.py --quick            # a small smoke run (the test suite uses it)
+    python bench/serve.py --quick            # a small smoke run
     python bench/serve.py --sets shared --concurrency 1,4,16   # the shared-prefix workload
 
 Needs ``pip install -e '.[bench]'`` (httpx, matplotlib).
@@ -206,11 +206,12 @@ async def run_http(url: str, model: str, prompts, max_tokens: int, concurrency: 
     return run
 
 
-def start_server(port: int, threads: int | None, log: Path):
-    """``layerskip-serve`` with its default flags (plus ``--cpu-threads`` if given) on ``port``."""
+def start_server(port: int, threads: int | None, log: Path, extra: tuple[str, ...] = ()):
+    """``layerskip-serve`` with its default flags (plus ``--cpu-threads`` if given, and
+    ``extra``) on ``port``."""
     import httpx
 
-    command = [sys.executable, "-m", "server", "--port", str(port)]
+    command = [sys.executable, "-m", "server", "--port", str(port), *extra]
     if threads:
         command += ["--cpu-threads", str(threads)]
     proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)

@@ -28,7 +28,7 @@ class EngineConfig:
             if it ships one, else the full head; 0 is the full head.
         draft_token_counts: a token-counts file (``models.draft_vocab``) ranking the tokens;
             ``None`` takes the checkpoint folder's ``draft_vocab.json`` if any.
-        max_num_seqs: sequences decoded together (one KV cache slot each).
+        max_num_seqs: the most sequences decoded together.
         max_num_batched_tokens: tokens per step (vLLM's meaning): decoding rounds (``1 +
             num_speculations`` a sequence) first, then prompt chunks fill the rest (chunked
             prefill; at least one prompt token a step).
@@ -41,6 +41,15 @@ class EngineConfig:
             ``max_position_embeddings`` (vLLM's ``VLLM_ALLOW_LONG_MAX_MODEL_LEN``); without it
             such a length is refused at start-up, since positions past the trained context give
             garbage and the KV cache grows with it.
+        block_size: KV cache positions per block (tokens; vLLM's ``--block-size``).
+        kv_cache_memory_bytes: the KV cache's memory budget (bytes), which sets the number of
+            blocks; None: on CUDA ``gpu_memory_utilization`` of the device, on the CPU what
+            ``max_num_seqs`` sequences of ``max_model_len`` need, at most
+            :data:`DEFAULT_CPU_KV_CACHE_BYTES`.
+        gpu_memory_utilization: CUDA only, without ``kv_cache_memory_bytes``: the fraction of
+            the device's memory the engine may hold, weights and KV cache together (vLLM's).
+        enable_prefix_caching: reuse the KV blocks of cached prompt prefixes across requests
+            (vLLM's automatic prefix caching, on by default as in vLLM v1).
         seed: seed of the engine's generator, which draws the noise of requests without their
             own ``seed`` (so a whole run repeats for the same arrivals), and of torch's global one.
     """
@@ -59,11 +68,18 @@ class EngineConfig:
     max_model_len: int | None = None
     max_waiting_requests: int | None = None
     allow_long_max_model_len: bool = False
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
     seed: int = 0
 
 
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
 """Default ``max_model_len`` ceiling (tokens), so that a 128k-context model's KV cache fits."""
+
+DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
+"""The CPU's default KV cache ceiling (bytes; vLLM's ``VLLM_CPU_KVCACHE_SPACE`` default, 4 GiB)."""
 
 MAX_NUM_SPECULATIONS = 32
 """The largest ``num_speculations``; the KV cache keeps this much room past ``max_model_len``."""

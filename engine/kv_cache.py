@@ -1,37 +1,53 @@
-"""The KV cache: tensors in :class:`KVCache`, slot bookkeeping in plain integers in :class:`SlotAllocator`.
+"""The paged KV cache: tensors in :class:`KVCache`, block bookkeeping in plain integers in
+:class:`BlockManager` (docs/ARCHITECTURE.md §2.1; vLLM's PagedAttention, Kwon et al. 2023, §4).
 
-Layout (docs/ARCHITECTURE.md §2.1, as in gpt-fast's static cache): one preallocated key and one value
-tensor per layer, ``(num_slots, num_kv_heads, max_len, head_dim)``. A sequence owns one slot (a
-row) for its life; its length is an integer on the host. Self-speculative rollback is assigning
-that integer: stale positions past it are masked by ``models.llama.AttentionBatch`` and
-overwritten by later writes. No KV is ever copied.
+Layout: one preallocated key and one value tensor per layer, ``(num_blocks, block_size,
+num_kv_heads, head_dim)``. A sequence owns a ``block_table`` (vLLM's name): its position ``p``
+lives in block ``block_table[p // block_size]`` at offset ``p % block_size``. Blocks are taken as
+a sequence grows (a speculative round's lookahead included) and given back when a rollback
+crosses a block boundary and when it finishes; the number of blocks comes from a memory budget,
+not from ``max_num_seqs × max_model_len``. Self-speculative rollback is still assigning an
+integer (``num_computed_tokens``): stale positions past it are masked by
+``models.llama.AttentionBatch`` and overwritten by later writes. No KV is ever copied between
+blocks.
+
+Prefix caching (vLLM v1's automatic prefix caching, nano-vllm's ``BlockManager``): a block whose
+``block_size`` positions all hold computed KV is registered under the hash of ``(its parent
+block's hash, its tokens)``; a new sequence takes the cached blocks of its longest cached prefix
+(all layers: the draft layers' KV too) and prefills only the rest. A block no sequence references
+stays cached until it is needed: free blocks are handed out uncached ones first, then the least
+recently freed cached ones (LRU eviction).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
 
 class KVCache:
-    """Per-layer key and value tensors.
+    """Per-layer key and value block pools.
 
     Args:
         num_layers: decoder layers ``L``.
-        num_slots: concurrent sequences (``max_num_seqs``).
+        num_blocks: blocks in each pool.
+        block_size: positions per block (tokens).
         num_kv_heads, head_dim: the model's KV geometry.
-        max_len: positions per slot (tokens): ``max_model_len`` plus room for one round's drafts.
         dtype, device: where the tensors live.
 
-    Memory: ``2 · L · num_slots · num_kv_heads · max_len · head_dim · dtype size`` bytes, reported
-    by :attr:`nbytes`.
+    Memory: ``2 · L · num_blocks · block_size · num_kv_heads · head_dim · dtype size`` bytes,
+    reported by :attr:`nbytes` (:func:`bytes_per_block` gives one block's share).
     """
 
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int,
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: str | torch.device):
-        shape = (num_slots, num_kv_heads, max_len, head_dim)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # Zeros, not empty: a padded block-table entry reads some block's keys under a mask, and
+        # masked keys must be finite (0 · NaN is NaN in the attention product).
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_len = max_len
+        self.num_blocks, self.block_size = num_blocks, block_size
 
     @property
     def nbytes(self) -> int:
@@ -39,39 +55,159 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-class SlotAllocator:
-    """Hands out cache slots ``0..num_slots−1``; the lowest free slot first, so batches stay contiguous."""
+def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                    dtype: torch.dtype) -> int:
+    """Bytes one block takes in every layer's key and value pools."""
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
-    def __init__(self, num_slots: int):
-        self.num_slots = num_slots
-        self._free = list(range(num_slots))
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold ``num_tokens`` positions (the ceiling of the quotient)."""
+    return -(-num_tokens // block_size)
+
+
+class BlockManager:
+    """Hands out KV blocks, counts references, and keeps the prefix cache (host integers only).
+
+    A block is *free* when no sequence references it; a free block may still be *cached* (it has
+    a hash and a later sequence with the same prefix can take it back). The free blocks are two
+    LRU queues: uncached ones, handed out first, then cached ones, whose hash is dropped when one
+    is handed out (eviction).
+
+    Args:
+        num_blocks: blocks in the pool.
+        block_size: positions per block (tokens).
+        enable_prefix_caching: register full blocks and reuse them across sequences.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one token, got {num_blocks} "
+                             f"blocks of {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._free_cached: OrderedDict[int, None] = OrderedDict()
+        self._cached: dict[tuple[int | None, tuple[int, ...]], int] = {}  # key → block
+        self._key_of: dict[int, tuple[int | None, tuple[int, ...]]] = {}  # block → its key
+        self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache (a counter)
+        self.num_hit_tokens = 0  # of which found (a counter)
 
     @property
-    def num_free(self) -> int:
-        """Slots not owned by any sequence."""
-        return len(self._free)
+    def num_free_blocks(self) -> int:
+        """Blocks no sequence references (cached or not)."""
+        return len(self._free) + len(self._free_cached)
 
-    def can_allocate(self) -> bool:
-        """Whether :meth:`allocate` would succeed."""
-        return bool(self._free)
+    @property
+    def usage(self) -> float:
+        """The fraction of blocks some sequence references (vLLM's ``kv_cache_usage_perc``, 0..1)."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def allocate(self) -> int:
-        """Take the lowest free slot.
+    def _take(self, prefer: int | None) -> int:
+        """One free block: ``prefer`` when it is free and uncached (so a sequence's blocks stay
+        consecutive, which lets batch-1 attention read them as a view), else the oldest uncached
+        one, else the least recently freed cached one (its hash dropped)."""
+        if prefer is not None and prefer in self._free:
+            del self._free[prefer]
+            block = prefer
+        elif self._free:
+            block, _ = self._free.popitem(last=False)
+        else:
+            block, _ = self._free_cached.popitem(last=False)
+            key = self._key_of.pop(block)
+            if self._cached.get(key) == block:
+                del self._cached[key]
+            self.block_hash[block] = None
+        self.ref_count[block] = 1
+        return block
 
-        Raises:
-            RuntimeError: no slot is free (check :meth:`can_allocate` first).
+    def grow(self, block_table: list[int], num_tokens: int) -> bool:
+        """Extend ``block_table`` in place to hold ``num_tokens`` positions.
+
+        Returns: False, with ``block_table`` unchanged, when too few blocks are free.
         """
-        if not self._free:
-            raise RuntimeError("no free KV cache slot")
-        self._free.sort()
-        return self._free.pop(0)
+        need = blocks_for(num_tokens, self.block_size) - len(block_table)
+        if need <= 0:
+            return True
+        if need > self.num_free_blocks:
+            return False
+        for _ in range(need):
+            block_table.append(self._take(block_table[-1] + 1 if block_table else None))
+        return True
 
-    def free(self, slot: int) -> None:
-        """Give a slot back.
+    def shrink(self, block_table: list[int], num_tokens: int) -> None:
+        """Give back the blocks of ``block_table`` past the first ``num_tokens`` positions (a
+        rollback that crossed a block boundary)."""
+        keep = blocks_for(num_tokens, self.block_size)
+        while len(block_table) > keep:
+            self._release(block_table.pop())
 
-        Raises:
-            ValueError: the slot is out of range or already free.
+    def free(self, block_table: list[int]) -> None:
+        """Give back all of a sequence's blocks (last first, so that its tail is evicted before
+        the prefix other sequences are likelier to share) and empty the table."""
+        while block_table:
+            self._release(block_table.pop())
+
+    def _release(self, block: int) -> None:
+        self.ref_count[block] -= 1
+        if self.ref_count[block] == 0:
+            if self.block_hash[block] is None:
+                self._free[block] = None
+            else:
+                self._free_cached[block] = None
+
+    def lookup(self, token_ids: list[int], num_tokens: int) -> list[int]:
+        """Take the cached blocks of the longest cached prefix of ``token_ids[:num_tokens]``
+        (full blocks only; the caller leaves at least one token to compute). Their references
+        are counted; the hits are counted in :attr:`num_hit_tokens`.
+
+        Returns: the blocks, in order (empty without prefix caching).
         """
-        if not 0 <= slot < self.num_slots or slot in self._free:
-            raise ValueError(f"slot {slot} is not allocated")
-        self._free.append(slot)
+        if not self.enable_prefix_caching:
+            return []
+        self.num_queried_tokens += len(token_ids)
+        blocks, parent, bs = [], None, self.block_size
+        for start in range(0, num_tokens - bs + 1, bs):
+            key = (parent, tuple(token_ids[start:start + bs]))
+            block = self._cached.get(key)
+            if block is None:
+                break
+            if self.ref_count[block] == 0:
+                del self._free_cached[block]
+            self.ref_count[block] += 1
+            blocks.append(block)
+            parent = self.block_hash[block]
+        self.num_hit_tokens += len(blocks) * bs
+        return blocks
+
+    def cache_full_blocks(self, block_table: list[int], token_ids: list[int],
+                          num_computed_tokens: int, num_hashed: int) -> int:
+        """Register the blocks of ``block_table`` that became full of computed KV since
+        ``num_hashed`` of them were; return the new count. A block whose key another block
+        already holds stays unregistered (the first one keeps serving hits)."""
+        if not self.enable_prefix_caching:
+            return num_hashed
+        bs = self.block_size
+        full = min(num_computed_tokens // bs, len(block_table))
+        parent = self.block_hash[block_table[num_hashed - 1]] if num_hashed else None
+        for i in range(num_hashed, full):
+            block = block_table[i]
+            if self.block_hash[block] is None:
+                key = (parent, tuple(token_ids[i * bs:(i + 1) * bs]))
+                self.block_hash[block] = hash(key)
+                self._key_of[block] = key
+                self._cached.setdefault(key, block)
+            parent = self.block_hash[block]
+        return max(full, num_hashed)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block that no sequence references."""
+        for block in list(self._free_cached):
+            del self._free_cached[block]
+            key = self._key_of.pop(block)
+            if self._cached.get(key) == block:
+                del self._cached[key]
+            self.block_hash[block] = None
+            self._free[block] = None

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from engine.config import (DEFAULT_MAX_MODEL_LEN_CAP, DEFAULT_NUM_SPECULATIONS,
+from engine.config import (DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_MAX_MODEL_LEN_CAP,
+                           DEFAULT_NUM_SPECULATIONS,
                            MAX_NUM_SPECULATIONS, EngineConfig)
 from engine.detokenizer import IncrementalDetokenizer, TokenBytes
-from engine.kv_cache import KVCache
+from engine.kv_cache import BlockManager, KVCache, blocks_for, bytes_per_block
 from engine.outputs import append_with_stops, make_output
 from engine.processor import (EngineInfo, apply_chat_template, check_prompt, check_request,
                               max_token_chars)
@@ -69,6 +70,14 @@ class StepStats:
     """The controller's measured draft step over verify call at the engine's exit layer."""
     num_running: int = 0
     num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    """The fraction of KV blocks in use after the step (0..1)."""
+    num_prefix_cache_queries: int = 0
+    """Tokens looked up in the prefix cache since the last stats."""
+    num_prefix_cache_hits: int = 0
+    """Of which found."""
+    num_preemptions: int = 0
+    """Sequences preempted since the last stats."""
     finished: list[FinishedStats] = field(default_factory=list)
     inter_token_latencies: list[tuple[float, int]] = field(default_factory=list)
     """Per sequence that emitted after its first step: (seconds since its previous emission
@@ -115,7 +124,8 @@ class EngineCore:
         self.eos_token_ids = _eos_ids(gen_cfg, self.tokenizer)
         self.draft_vocab_size = self._set_draft_vocab()
         s = self.model.shape
-        self.cache = KVCache(L, config.max_num_seqs, s.num_kv_heads, cache_len, s.head_dim,
+        num_blocks = self._num_kv_blocks(cache_len)
+        self.cache = KVCache(L, num_blocks, config.block_size, s.num_kv_heads, s.head_dim,
                              self.model.dtype, self.model.device)
         self.runner = SpecDecodeRunner(self.model, self.cache)
         self.policy = SpeculationController(L, self.exit_layer, config.adaptive_speculation)
@@ -127,15 +137,20 @@ class EngineCore:
             lambda i: self.tokenizer.decode([i], clean_up_tokenization_spaces=False))
         self._token_bytes = functools.lru_cache(maxsize=1 << 16)(TokenBytes(self.tokenizer))
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.num_speculations, _wants_prompt_logprobs)
+                                   self.num_speculations, _wants_prompt_logprobs,
+                                   BlockManager(num_blocks, config.block_size,
+                                                config.enable_prefix_caching))
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._counted = (0, 0, 0)  # the cache counters as last reported (_count_cache)
         self._finished_outside_steps: list[FinishedStats] = []
         self.model_name = config.served_model_name or Path(config.model).name.removesuffix(".gguf")
         logger.info("engine ready: %d layers, exit_layer=%d, num_speculations=%d, "
-                    "max_model_len=%d, KV cache %d slots x %d positions x %d layers = %d bytes "
-                    "(%.1f MiB)", L, self.exit_layer, self.num_speculations, self.max_model_len,
-                    config.max_num_seqs, cache_len, L, self.cache.nbytes,
-                    self.cache.nbytes / 2**20)
+                    "max_model_len=%d, KV cache %d blocks x %d tokens = %d tokens (%.1f "
+                    "max_model_len sequences), %d bytes (%.1f MiB), prefix caching %s",
+                    L, self.exit_layer, self.num_speculations, self.max_model_len, num_blocks,
+                    config.block_size, num_blocks * config.block_size,
+                    num_blocks * config.block_size / cache_len, self.cache.nbytes,
+                    self.cache.nbytes / 2**20, "on" if config.enable_prefix_caching else "off")
 
     def _set_draft_vocab(self) -> int:
         """FR-Spec: restrict the draft's head to the most frequent tokens of the configured (or
@@ -165,16 +180,54 @@ class EngineCore:
                     len(ids), V, path, 100 * coverage(counts, ids))
         return len(ids)
 
+    def _num_kv_blocks(self, cache_len: int) -> int:
+        """KV blocks from the memory budget: ``kv_cache_memory_bytes``; else on CUDA
+        ``gpu_memory_utilization`` of the device's memory less what is allocated now (vLLM's
+        rule); else on the CPU what ``max_num_seqs`` sequences of ``max_model_len`` need, at
+        most :data:`DEFAULT_CPU_KV_CACHE_BYTES`.
+
+        Raises:
+            ValueError: the budget cannot hold one sequence of ``max_model_len`` tokens (plus a
+                round's lookahead), or the block size or utilisation is out of range.
+        """
+        cfg, s = self.config, self.model.shape
+        if cfg.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {cfg.block_size}")
+        per_block = bytes_per_block(s.num_layers, cfg.block_size, s.num_kv_heads, s.head_dim,
+                                    self.model.dtype)
+        per_seq = blocks_for(cache_len, cfg.block_size)
+        if cfg.kv_cache_memory_bytes is not None:
+            budget = cfg.kv_cache_memory_bytes
+        elif self.model.device.type == "cuda":
+            if not 0 < cfg.gpu_memory_utilization <= 1:
+                raise ValueError("gpu_memory_utilization must be in (0, 1], got "
+                                 f"{cfg.gpu_memory_utilization}")
+            total = torch.cuda.get_device_properties(self.model.device).total_memory
+            budget = int(cfg.gpu_memory_utilization * total) - torch.cuda.memory_reserved()
+        else:
+            budget = min(cfg.max_num_seqs * per_seq * per_block, DEFAULT_CPU_KV_CACHE_BYTES)
+        num_blocks = max(budget, 0) // per_block
+        if num_blocks < per_seq:
+            raise ValueError(
+                f"the KV cache budget of {budget} bytes holds {num_blocks} blocks of "
+                f"{cfg.block_size} tokens, but one sequence of max_model_len "
+                f"{self.max_model_len} (plus a round's drafts) needs {per_seq} blocks = "
+                f"{per_seq * per_block} bytes: raise --kv-cache-memory-bytes (or "
+                "--gpu-memory-utilization) or lower --max-model-len")
+        return num_blocks
+
     def _calibrate(self) -> None:
-        """Seed the controller's cost table with timed dummy rounds (every slot is free now, and
-        a slot's stale KV is masked until overwritten, so they leave nothing behind)."""
+        """Seed the controller's cost table with timed dummy rounds (no block is in use yet,
+        and stale KV is masked until overwritten, so they leave nothing behind)."""
         n = self.config.max_num_seqs
         sizes = sorted({b for b in (n, *(1 << i for i in range(7))) if b <= min(n, 64)})
         pos, E = min(32, self.max_model_len - 1), self.exit_layer
+        nb = blocks_for(pos + self.num_speculations + 1, self.config.block_size)
+        tables = [[(r * nb + j) % self.cache.num_blocks for j in range(nb)] for r in range(64)]
 
         def time_round(B: int, k: int):
             start = time.perf_counter()
-            self.runner.decode_round(list(range(B)), [0] * B, [pos] * B, E, k)
+            self.runner.decode_round(tables[:B], [0] * B, [pos] * B, E, k)
             return (time.perf_counter() - start, *(self.runner.last_timing or (None, None)))
 
         start = time.perf_counter()
@@ -276,9 +329,11 @@ class EngineCore:
         for seq in sched.prefill:
             if _wants_prompt_logprobs(seq):  # whole and alone: its logprobs need every position
                 sampling = seq.request.sampling
-                out = self.runner.prefill([seq.token_ids], [seq.slot], self._sampling([seq]),
+                out = self.runner.prefill([seq.token_ids], [seq.block_table],
+                                          self._sampling([seq]),
                                           [sampling.logprobs], [sampling.prompt_logprobs])
                 seq.num_computed_tokens = seq.num_prompt_tokens
+                self.scheduler.commit(seq)
                 stats.num_prompt_tokens += seq.num_prompt_tokens
                 results.append((seq, out, 0))
         if sched.decode:
@@ -288,33 +343,46 @@ class EngineCore:
             self.policy.observe_step(len(sched.decode),
                                      time.perf_counter() - start - self._round_seconds,
                                      _sampled(sched.decode))
-        stats.num_running = len(self.scheduler.running)
-        stats.num_waiting = len(self.scheduler.waiting)
+        self._count_cache(stats)
         return outputs, stats
 
     def queue_stats(self) -> StepStats:
-        """Stats of no work done: the running and waiting counts (for the gauges), and the
-        requests aborted or failed since the last stats (for ``request_success_total``)."""
-        stats = StepStats(num_running=len(self.scheduler.running),
-                          num_waiting=len(self.scheduler.waiting),
-                          finished=self._finished_outside_steps)
+        """Stats of no work done: the running and waiting counts and KV usage (for the
+        gauges), and the requests aborted or failed since the last stats (for
+        ``request_success_total``)."""
+        stats = StepStats(finished=self._finished_outside_steps)
         self._finished_outside_steps = []
+        return self._count_cache(stats)
+
+    def _count_cache(self, stats: StepStats) -> StepStats:
+        """The queue gauges and the KV cache counters' growth since they were last counted."""
+        sched, blocks = self.scheduler, self.scheduler.blocks
+        stats.num_running, stats.num_waiting = len(sched.running), len(sched.waiting)
+        stats.kv_cache_usage = blocks.usage
+        now = (blocks.num_queried_tokens, blocks.num_hit_tokens, sched.num_preemptions)
+        queries, hits, preemptions = (a - b for a, b in zip(now, self._counted))
+        stats.num_prefix_cache_queries += queries
+        stats.num_prefix_cache_hits += hits
+        stats.num_preemptions += preemptions
+        self._counted = now
         return stats
 
     def _prefill_chunks(self, chunks: list[tuple[Sequence, int]], stats: StepStats):
         """Every ``(sequence, chunk size)`` of the step in one packed forward call; the
         sequences whose chunk ends their prompt sample their first token."""
         seqs = [s for s, _ in chunks]
+        # A preempted sequence recomputing its tokens has its next token already: no sample.
         done = [r for r, (s, n) in enumerate(chunks)
-                if s.num_computed_tokens + n == s.num_prompt_tokens]
+                if s.num_computed_tokens + n == s.num_prefill_tokens and not s.num_output_tokens]
         finishing = [seqs[r] for r in done]
         out = self.runner.prefill_chunks(
             [s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n] for s, n in chunks],
-            [s.num_computed_tokens for s in seqs], [s.slot for s in seqs], done,
+            [s.num_computed_tokens for s in seqs], [s.block_table for s in seqs], done,
             self._sampling(finishing) if finishing else None,
             [s.request.sampling.logprobs for s in finishing])
         for seq, n in chunks:
             seq.num_computed_tokens += n
+            self.scheduler.commit(seq)
             stats.num_prompt_tokens += n
         return [(seq, out, row) for row, seq in enumerate(finishing)]
 
@@ -383,7 +451,7 @@ class EngineCore:
         k = max(ks)
         started = time.perf_counter()
         out = self.runner.decode_round(
-            [s.slot for s in group], [s.token_ids[-1] for s in group],
+            [s.block_table for s in group], [s.token_ids[-1] for s in group],
             [s.num_computed_tokens for s in group], exit_layer or self.exit_layer, k,
             self._sampling(group), ks, [s.request.sampling.logprobs for s in group])
         seconds = time.perf_counter() - started
@@ -401,6 +469,7 @@ class EngineCore:
         for row, (seq, k_row) in enumerate(zip(group, ks)):
             j = out.num_accepted[row]
             seq.num_computed_tokens += j + 1  # rollback: drafts past j are stale and masked
+            self.scheduler.commit(seq)  # and the blocks past the accepted tokens go back
             self.policy.observe(seq.spec, k_row, j)
             if k_row:
                 seq.num_drafts += 1
@@ -451,8 +520,9 @@ class EngineCore:
 
 
 def _wants_prompt_logprobs(seq: Sequence) -> bool:
-    """Such a sequence is prefilled whole and alone (never chunked)."""
-    return seq.request.sampling.prompt_logprobs is not None
+    """Such a sequence is prefilled whole and alone (never chunked), the first time (after a
+    preemption its prompt logprobs have been sent: it recomputes like any other)."""
+    return seq.request.sampling.prompt_logprobs is not None and not seq.num_output_tokens
 
 
 def _finished_stats(seq: Sequence, now: float) -> FinishedStats:

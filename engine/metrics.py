@@ -21,6 +21,9 @@ figures are best computed in PromQL from the raw counters:
 
 - queue time p90: ``histogram_quantile(0.9, sum by (le)
   (rate(layerskip_request_queue_time_seconds_bucket[1m])))``
+- prefix cache hit rate: ``rate(layerskip_prefix_cache_hits_total[5m])
+  / rate(layerskip_prefix_cache_queries_total[5m])`` (both in tokens, as vLLM's)
+
 - mean prompt length: ``rate(layerskip_request_prompt_tokens_sum[1m])
   / rate(layerskip_request_prompt_tokens_count[1m])``
 
@@ -121,7 +124,16 @@ class EngineMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prefilled prompt tokens.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens returned.")
         self.running = gauge("num_requests_running", "Requests in the running batch.")
-        self.waiting = gauge("num_requests_waiting", "Requests waiting for a KV cache slot.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_cache_usage = gauge("kv_cache_usage_perc",
+                                    "Fraction of KV cache blocks in use, 0..1 (vLLM's name).")
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Tokens looked up in the prefix cache (admissions).")
+        self.prefix_cache_hits = counter("prefix_cache_hits",
+                                         "Looked-up tokens found in the prefix cache.")
+        self.num_preemptions = counter("num_preemptions",
+                                       "Sequences preempted for want of KV blocks (recomputed "
+                                       "later).")
         self.acceptance_rate = gauge("spec_decode_acceptance_rate",
                                      "Accepted / drafted tokens over the recent window, in [0, 1].")
         self.tokens_per_second = gauge("generation_tokens_per_second",
@@ -164,6 +176,10 @@ class EngineMetrics:
         self.generation_tokens.inc(stats.num_generation_tokens)
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        self.prefix_cache_queries.inc(stats.num_prefix_cache_queries)
+        self.prefix_cache_hits.inc(stats.num_prefix_cache_hits)
+        self.num_preemptions.inc(stats.num_preemptions)
         for f in stats.finished:
             self.request_success.labels(self.model_name, f.finish_reason).inc()
             self.e2e.observe(f.e2e_latency)

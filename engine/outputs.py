@@ -86,6 +86,7 @@ def make_output(seq: Sequence, kept: list[int], detok: IncrementalDetokenizer,
         request_id=seq.request_id, token_ids=kept, text=text,
         finish_reason=seq.status.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
         num_output_tokens=seq.num_output_tokens, num_draft_tokens=seq.num_draft_tokens,
-        num_accepted_tokens=seq.num_accepted_tokens, error=error, logprobs=logprobs,
+        num_accepted_tokens=seq.num_accepted_tokens,
+        num_cached_tokens=seq.num_cached_tokens, error=error, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, stop_reason=seq.stop_reason,
     )

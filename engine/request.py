@@ -135,7 +135,10 @@ class Sequence:
     whose KV is valid in every layer: after prefill and after every round it is
     ``len(token_ids) − 1`` (the last token is sampled but not yet run through the model), and a
     speculative round's rollback is exactly that assignment (vLLM's
-    ``num_computed_tokens -= num_rejected``).
+    ``num_computed_tokens -= num_rejected``). Its KV lives in the blocks of ``block_table``
+    (:mod:`engine.kv_cache`). A preempted sequence gives its blocks back, goes back to waiting
+    with ``num_computed_tokens = 0`` and later recomputes its tokens (vLLM's recompute
+    preemption): :attr:`num_prefill_tokens` is then everything but its last token.
     """
 
     def __init__(self, request: EngineRequest):
@@ -146,7 +149,10 @@ class Sequence:
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_computed_tokens = 0
         self.status = SequenceStatus.WAITING
-        self.slot: int | None = None
+        self.block_table: list[int] = []  # its KV blocks (vLLM's block_table)
+        self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens its first admission found in the prefix cache
+        self.num_preemptions = 0
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -162,6 +168,13 @@ class Sequence:
     def num_output_tokens(self) -> int:
         """Tokens generated so far."""
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Positions to compute before decoding: the prompt, or after a preemption every token
+        but the last (which the next round feeds in, as for any decoding sequence)."""
+        return self.num_prompt_tokens if len(self.token_ids) == self.num_prompt_tokens \
+            else len(self.token_ids) - 1
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -202,6 +215,7 @@ class RequestOutput:
         finish_reason: ``stop``, ``length``, ``abort`` or ``error`` once finished, else None.
         num_prompt_tokens, num_output_tokens: usage so far (tokens).
         num_draft_tokens, num_accepted_tokens: the request's speculation totals (tokens).
+        num_cached_tokens: prompt tokens whose KV came from the prefix cache (tokens).
         error: the message when ``finish_reason == "error"``.
         logprobs: one entry per token of ``token_ids`` when the request asked for logprobs.
         prompt_logprobs: with the first output only, one entry per prompt token after the first.
@@ -216,6 +230,7 @@ class RequestOutput:
     num_output_tokens: int
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_cached_tokens: int = 0
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None

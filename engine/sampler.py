@@ -61,6 +61,7 @@ class SamplingBatch:
         positions: each row's position of the token its first logits row predicts.
         temperature: ``(B, 1, 1)``, 1.0 on greedy rows.
         top_k, top_p, min_p: ``(B, 1, 1)`` or None when no row truncates that way.
+        max_top_k: the largest ``top_k`` below ``V`` (``V`` if none), known on the host.
         presence, frequency, repetition: ``(B, 1, 1)`` or None when no row has penalties.
         output_counts: ``(B, V)`` generated-token counts, or None without penalties.
         seen: ``(B, V)`` bool, prompt or generated, or None without a repetition penalty.
@@ -72,6 +73,7 @@ class SamplingBatch:
     positions: list[int]
     temperature: torch.Tensor
     top_k: torch.Tensor | None = None
+    max_top_k: int = 0
     top_p: torch.Tensor | None = None
     min_p: torch.Tensor | None = None
     presence: torch.Tensor | None = None
@@ -102,8 +104,9 @@ class SamplingBatch:
         sb = cls(params, keys, positions,
                  column([1.0 if p.greedy else p.temperature for p in params]), generator=generator)
         if any(p.top_k > 0 and not p.greedy for p in params):
-            sb.top_k = column([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size
-                               for p in params], torch.long)
+            ks = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]
+            sb.top_k = column(ks, torch.long)
+            sb.max_top_k = max((k for k in ks if k < vocab_size), default=vocab_size)
         if any(p.top_p < 1.0 and not p.greedy for p in params):
             sb.top_p = column([p.top_p for p in params])
         if any(p.min_p > 0.0 and not p.greedy for p in params):
@@ -157,18 +160,57 @@ def process_logits(logits: torch.Tensor, sb: SamplingBatch, drafts: torch.Tensor
         scores = scores - sb.frequency * counts - sb.presence * (counts > 0).float()
     scores = scores / sb.temperature
     if sb.top_k is not None:
-        kth = scores.sort(-1, descending=True).values.gather(-1, sb.top_k.expand(
-            *scores.shape[:2], 1) - 1)  # (B, T, 1)
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+        scores = _top_k(scores, sb.top_k, sb.max_top_k)
     if sb.top_p is not None:
-        sorted_scores, order = scores.sort(-1, descending=True)
-        probs = sorted_scores.softmax(-1)
-        drop = probs.cumsum(-1) - probs > sb.top_p  # the most likely token is always kept
-        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        scores = _top_p(scores, sb.top_p)
     if sb.min_p is not None:
         probs = scores.softmax(-1)
         scores = scores.masked_fill(probs < sb.min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return scores.log_softmax(-1)
+
+
+TOP_P_CANDIDATES = 64
+"""Tokens the CPU's top-p first looks for the nucleus among (:func:`_top_p`)."""
+
+
+def _top_k(scores: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """Keep each row's ``top_k`` best scores (ties at the k-th score kept): ``(B, T, V)``.
+
+    ``top_k`` is ``(B, 1, 1)``, ``V`` on rows without a limit; ``max_top_k`` the largest
+    limit below ``V`` (known on the host), so a partial ``topk`` replaces a full sort.
+    """
+    V = scores.shape[-1]
+    top = scores.topk(max_top_k, -1).values  # (B, T, max_top_k), descending
+    kth = top.gather(-1, (top_k.clamp(max=max_top_k) - 1).expand(*scores.shape[:2], 1))
+    kth = torch.where(top_k < V, kth, float("-inf"))  # (B, T, 1); rows without a limit keep all
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus truncation (Holtzman et al. 2020): keep the most likely tokens whose mass before
+    them is at most ``top_p`` ``(B, 1, 1)`` (so the most likely token always stays).
+
+    On the CPU the nucleus is first looked for among each row's :data:`TOP_P_CANDIDATES` most
+    likely tokens (a partial ``topk``); when the last candidate is already dropped in every row
+    that truncates, no token past the candidates can be kept (the dropped set only grows down
+    the order), so the result is exactly the full sort's, at a fraction of its cost. Otherwise
+    (or on CUDA, where the sort is cheap and a host check would sync) every row is sorted.
+    """
+    V = scores.shape[-1]
+    if scores.device.type == "cpu" and V > TOP_P_CANDIDATES:
+        probs = scores.softmax(-1)
+        top, index = probs.topk(TOP_P_CANDIDATES, -1)  # (B, T, C), descending
+        drop = top.cumsum(-1) - top > top_p  # (B, T, C)
+        whole = top_p >= 1.0  # (B, 1, 1): rows that keep every token
+        if bool((drop[..., -1] | whole[..., 0]).all()):
+            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, ~drop)
+            return scores.masked_fill(~(keep | whole), float("-inf"))
+    sorted_scores, order = scores.sort(-1, descending=True)
+    probs = sorted_scores.softmax(-1)
+    # The most likely token is always kept; a top_p = 1 row keeps all (its cumsum may pass 1
+    # by a rounding error).
+    drop = (probs.cumsum(-1) - probs > top_p) & (top_p < 1.0)
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
 def _gumbel(key: int, position: int, shape, device) -> torch.Tensor:

@@ -3,14 +3,25 @@
 Plain Python (no tensors). One token budget per step (vLLM's ``max_num_batched_tokens``): the
 running sequences' decoding rounds are counted first, then prompt chunks fill the rest, so a long
 prompt is prefilled over several steps (vLLM's chunked prefill) while the running sequences keep
-decoding. A finished sequence leaves at once and frees its slot, so a request that arrives while
-others decode joins the batch at the next step.
+decoding. A finished sequence leaves at once and gives its KV blocks back, so a request that
+arrives while others decode joins the batch at the next step.
+
+KV blocks (:class:`engine.kv_cache.BlockManager`): a decoding sequence gets the blocks of its
+round's lookahead before the round, a prompt chunk those of its positions; a rollback gives back
+the blocks past the accepted tokens (:meth:`Scheduler.commit`). When the blocks run out, the
+newest running sequence is preempted (vLLM's recompute policy): its blocks go back, and it waits
+at the head of the queue to recompute its tokens later, in cached blocks when prefix caching
+kept them. The oldest running sequence therefore always progresses (the pool holds at least one
+``max_model_len`` sequence; the engine checks at start-up). New sequences are admitted only into
+free blocks, never by preempting; with prefix caching a new one first takes the cached blocks
+of its longest cached prefix and prefills only the rest.
 
 Admission is fair across client requests: the sequences one HTTP request brings (several prompts,
 ``n`` choices) share a ``group_id``, and :class:`WaitingQueue` admits round robin by group, first
-come first served within a group; requests not served yet go first, in arrival order. A request of 2 000 prompts therefore cannot hold another
-client's request behind all 2 000: that one takes the next free slot (the "round robin by
-request" of issue 10; vLLM's FCFS policy has no such guard).
+come first served within a group; requests not served yet go first, in arrival order. A request
+of 2 000 prompts therefore cannot hold another client's request behind all 2 000: that one takes
+the next free place (the "round robin by request" of issue 10; vLLM's FCFS policy has no such
+guard).
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from engine.kv_cache import SlotAllocator
+from engine.kv_cache import BlockManager
 from engine.request import Sequence, SequenceStatus
 
 
@@ -62,6 +73,14 @@ class WaitingQueue:
     def __iter__(self) -> Iterator[Sequence]:
         for group in list(self._new.values()) + list(self._served.values()):
             yield from list(group)
+
+    def push_front(self, seq: Sequence) -> None:
+        """Queue ``seq`` first of all (a preempted sequence: vLLM puts it back at the head)."""
+        group = self._served.pop(seq.group_id, None) or self._new.get(seq.group_id) or deque()
+        group.appendleft(seq)
+        self._new[seq.group_id] = group
+        self._new.move_to_end(seq.group_id, last=False)
+        self._len += 1
 
     def append(self, seq: Sequence) -> None:
         """Queue ``seq`` at the back of its group (a new group: at the back of the new ones)."""
@@ -120,30 +139,38 @@ class Scheduler:
     """One token budget per step (vLLM's ``max_num_batched_tokens``): the running sequences'
     decoding rounds first, then prompt chunks fill what is left (chunked prefill), first the
     sequences part-way through their prompt, then waiting ones admitted round robin by client
-    request (:class:`WaitingQueue`) while a KV slot is free.
+    request (:class:`WaitingQueue`) while fewer than ``max_num_seqs`` run and KV blocks are free.
 
     Args:
-        max_num_seqs: concurrent sequences (one KV slot each).
-        max_num_batched_tokens: tokens per step (tokens). A decoding sequence costs ``1 +
-            num_lookahead_tokens``; a prompt longer than what is left runs in chunks over several
-            steps. Prefill gets at least one token a step even when decoding fills the budget,
-            so a waiting prompt always progresses.
+        max_num_seqs: the most sequences running at once.
+        max_num_batched_tokens: tokens per step (tokens). A decoding sequence costs ``1 +`` its
+            lookahead (the request's ``num_speculations``, else ``num_lookahead_tokens``); a
+            prompt longer than what is left runs in chunks over several steps. Prefill gets at
+            least one token a step even when decoding fills the budget, so a waiting prompt
+            always progresses.
         num_lookahead_tokens: draft tokens a round may add per sequence (``num_speculations``).
         prefill_whole: ``seq → bool``: sequences never chunked (those that want prompt
-            logprobs); one is admitted only when it fits in what is left, or alone.
+            logprobs); one is admitted only when it fits in what is left, or alone. They skip the
+            prefix cache (their logprobs need every prompt position's hidden state).
+        blocks: the KV block manager; None: 256 blocks of 16 tokens per sequence, no prefix
+            caching (for tests of the batching alone).
     """
 
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int = 2048,
-                 num_lookahead_tokens: int = 0, prefill_whole=None):
+                 num_lookahead_tokens: int = 0, prefill_whole=None,
+                 blocks: BlockManager | None = None):
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {max_num_batched_tokens}")
+        self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_lookahead_tokens = num_lookahead_tokens
         self.prefill_whole = prefill_whole or (lambda seq: False)
-        self.slots = SlotAllocator(max_num_seqs)
+        self.blocks = blocks or BlockManager(256 * max_num_seqs, 16)
         self.waiting = WaitingQueue()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self._live: dict[str, Sequence] = {}
+        self._out = SchedulerOutput()  # the step being scheduled
+        self.num_preemptions = 0  # a counter
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence."""
@@ -154,40 +181,123 @@ class Scheduler:
         """Whether any sequence waits or runs."""
         return bool(self.waiting or self.running)
 
+    def lookahead(self, seq: Sequence) -> int:
+        """Draft tokens a round may add for ``seq``: its request's ``num_speculations``, else
+        the engine's."""
+        k = seq.request.num_speculations
+        return self.num_lookahead_tokens if k is None else k
+
     def schedule(self) -> SchedulerOutput:
-        """This step's decoding rounds and prompt chunks, within the token budget."""
-        out = SchedulerOutput()
-        prefilling = [s for s in self.running if s.num_computed_tokens < s.num_prompt_tokens]
-        # In slot order, so that a batch is often a contiguous slot range (a view, not a gather).
-        out.decode = sorted((s for s in self.running if s.num_computed_tokens >= s.num_prompt_tokens),
-                            key=lambda s: s.slot)
-        budget = self.max_num_batched_tokens - len(out.decode) * (1 + self.num_lookahead_tokens)
+        """This step's decoding rounds and prompt chunks, within the token budget and the KV
+        blocks (preempting the newest running sequences when a running one needs blocks)."""
+        out = self._out = SchedulerOutput()
+        preemptions_before = self.num_preemptions
+        decoding = [s for s in self.running if s.num_computed_tokens >= s.num_prefill_tokens]
+        # Every row of a round drafts the round's largest k, so each gets room for the largest.
+        lookahead = max((self.lookahead(s) for s in decoding), default=0)
+        for seq in decoding:
+            if seq in self.running and self._reserve(seq, seq.num_computed_tokens + 1 + lookahead):
+                out.decode.append(seq)
+        budget = self.max_num_batched_tokens - sum(1 + self.lookahead(s) for s in out.decode)
         budget = max(budget, 1)
-        for seq in prefilling:
-            budget = self._take_chunk(out, seq, budget)
+        for seq in [s for s in self.running if s.num_computed_tokens < s.num_prefill_tokens]:
+            if seq not in self.running:  # preempted for an older one in this loop
+                continue
+            left = seq.num_prefill_tokens - seq.num_computed_tokens
+            n = min(left, budget)
+            room = self._room(seq)
+            n = min(n, room) if room > 0 else n  # a shorter chunk before preempting anyone
+            if self._reserve(seq, seq.num_computed_tokens + n):
+                budget = self._take_chunk(out, seq, n, budget)
             if budget <= 0:
                 return out
-        while self.waiting and self.slots.can_allocate() and budget > 0:
+        preempted = self.num_preemptions > preemptions_before
+        # After a preemption nothing is admitted this step (vLLM's rule): the blocks it freed
+        # are the running sequences', and readmitting the victim at once would only thrash.
+        while (not preempted and self.waiting and len(self.running) < self.max_num_seqs
+               and budget > 0 and self.blocks.num_free_blocks):
             seq = self.waiting.peek()
-            if self.prefill_whole(seq) and out.prefill and seq.num_prompt_tokens > budget:
+            whole = self.prefill_whole(seq)
+            if whole and out.prefill and seq.num_prompt_tokens > budget:
+                break
+            n = self._admit(seq, whole, budget)
+            if not n:
                 break
             self.waiting.pop()
-            seq.slot = self.slots.allocate()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            budget = self._take_chunk(out, seq, budget)
+            budget = self._take_chunk(out, seq, n, budget)
         return out
 
-    def _take_chunk(self, out: SchedulerOutput, seq: Sequence, budget: int) -> int:
-        """Schedule ``seq``'s next prompt chunk (all of it if it must be whole); the budget left."""
-        left = seq.num_prompt_tokens - seq.num_computed_tokens
-        n = left if self.prefill_whole(seq) else min(left, budget)
+    def _admit(self, seq: Sequence, whole: bool, budget: int) -> int:
+        """Give a waiting ``seq`` its cached prefix and the blocks of its first chunk; return
+        the chunk's size, or 0 (nothing taken) when no block is free for it."""
+        counters = self.blocks.num_queried_tokens, self.blocks.num_hit_tokens
+        if not whole:
+            hits = self.blocks.lookup(seq.token_ids, seq.num_prefill_tokens - 1)
+            seq.block_table = hits
+            seq.num_hashed_blocks = len(hits)
+            seq.num_computed_tokens = len(hits) * self.blocks.block_size
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = seq.num_computed_tokens
+        left = seq.num_prefill_tokens - seq.num_computed_tokens
+        n = left if whole else min(left, budget, self._room(seq))
+        if n > 0 and self.blocks.grow(seq.block_table, seq.num_computed_tokens + n):
+            return n
+        self.blocks.free(seq.block_table)
+        seq.num_computed_tokens = seq.num_hashed_blocks = 0
+        self.blocks.num_queried_tokens, self.blocks.num_hit_tokens = counters  # asked again later
+        return 0
+
+    def _room(self, seq: Sequence) -> int:
+        """Positions ``seq`` could still get without preempting: its table's spare ones plus the
+        free blocks'."""
+        bs = self.blocks.block_size
+        return len(seq.block_table) * bs - seq.num_computed_tokens + self.blocks.num_free_blocks * bs
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow ``seq``'s blocks to ``num_tokens`` positions, preempting the newest running
+        sequences while blocks are short; False when ``seq`` itself had to be preempted."""
+        while not self.blocks.grow(seq.block_table, num_tokens):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Take a running sequence out: its blocks go back, it waits first in line, and it will
+        recompute its tokens (vLLM's ``PreemptionMode.RECOMPUTE``)."""
+        self.running.remove(seq)
+        out = self._out
+        if seq in out.decode:
+            out.decode.remove(seq)
+        if seq in out.prefill:
+            i = out.prefill.index(seq)
+            del out.prefill[i], out.chunk_sizes[i]
+        self.blocks.free(seq.block_table)
+        seq.num_computed_tokens = seq.num_hashed_blocks = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.push_front(seq)
+
+    def _take_chunk(self, out: SchedulerOutput, seq: Sequence, n: int, budget: int) -> int:
+        """Schedule ``n`` of ``seq``'s prompt tokens; the budget left."""
         out.prefill.append(seq)
         out.chunk_sizes.append(n)
         return budget - n
 
+    def commit(self, seq: Sequence) -> None:
+        """After a step moved ``seq.num_computed_tokens``: register its newly full blocks in the
+        prefix cache and give back the blocks past its next position (a rollback that crossed
+        a block boundary)."""
+        self.blocks.shrink(seq.block_table, seq.num_computed_tokens + 1)
+        seq.num_hashed_blocks = self.blocks.cache_full_blocks(
+            seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.num_hashed_blocks)
+
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
-        """Mark a sequence finished, remove it and free its slot (waiting or running)."""
+        """Mark a sequence finished, remove it and give its blocks back (waiting or running)."""
         seq.status = status
         self._live.pop(seq.request_id, None)
         if seq in self.running:
@@ -197,9 +307,7 @@ class Scheduler:
                 self.waiting.remove(seq)
             except ValueError:  # already gone
                 pass
-        if seq.slot is not None:
-            self.slots.free(seq.slot)
-            seq.slot = None
+        self.blocks.free(seq.block_table)
 
     def find(self, request_id: str) -> Sequence | None:
         """The live sequence with this id, if any."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.sampler import SamplingBatch, accept_drafts, process_logits, sample_tokens
+from models.llama import BlockTables
 
 PROMPT_LOGPROBS_CHUNK = 512  # prompt positions per log-softmax (bounds a (chunk, V) buffer)
 
@@ -94,15 +95,16 @@ class SpecDecodeRunner:
         self.last_timing: tuple[float, float] | None = None
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], slots: list[int], sb: SamplingBatch | None = None,
+    def prefill(self, prompts: list[list[int]], block_tables: list[list[int]],
+                sb: SamplingBatch | None = None,
                 num_logprobs: list[int | None] | None = None,
                 num_prompt_logprobs: list[int | None] | None = None) -> RoundOutput:
         """Run all layers on ``B`` prompts of the same length ``n``; sample each one's token at
-        position ``n``. Afterwards each slot's positions ``0..n−1`` hold valid KV in every layer.
+        position ``n``. Afterwards each row's positions ``0..n−1`` hold valid KV in every layer.
 
         Args:
             prompts: ``B`` prompts of ``n`` tokens each.
-            slots: their cache slots.
+            block_tables: each row's KV blocks (holding at least ``n`` positions).
             sb: the rows' sampling state (None: greedy).
             num_logprobs: per row, top log-probabilities to return with the sampled token.
             num_prompt_logprobs: per row, top log-probabilities to return for each prompt token
@@ -113,9 +115,7 @@ class SpecDecodeRunner:
         sb = None if sb is None or sb.all_greedy_plain else sb
         ids = torch.tensor(prompts, device=dev)  # (B, n)
         positions = torch.arange(n, device=dev)[None].expand(B, n)  # (B, n)
-        contiguous = slots == list(range(slots[0], slots[0] + B))
-        batch = m.attention_batch(torch.tensor(slots, device=dev), positions, n,
-                                  (slots[0], slots[0] + B) if contiguous else None)
+        batch = m.attention_batch(self._tables(block_tables), positions, n)
         hidden = m.forward_layers(m.embed(ids), 0, m.num_layers, self.cache, batch)  # (B, n, D)
         out = self._finish(m.logits(hidden[:, -1:]), ids[:, :0], None, sb, None, num_logprobs)
         wanted = [r for r, k in enumerate(num_prompt_logprobs or []) if k is not None]
@@ -126,7 +126,8 @@ class SpecDecodeRunner:
         return out
 
     @torch.inference_mode()
-    def prefill_chunks(self, chunks: list[list[int]], starts: list[int], slots: list[int],
+    def prefill_chunks(self, chunks: list[list[int]], starts: list[int],
+                       block_tables: list[list[int]],
                        sample_rows: list[int], sb: SamplingBatch | None = None,
                        num_logprobs: list[int | None] | None = None) -> RoundOutput:
         """Chunked prefill: run all layers on ``B`` prompt chunks of any lengths in one packed
@@ -136,7 +137,7 @@ class SpecDecodeRunner:
             chunks: row ``b``'s tokens, at positions ``starts[b]..starts[b]+len−1``; its
                 positions before ``starts[b]`` already hold valid KV.
             starts: each chunk's first position.
-            slots: each row's cache slot.
+            block_tables: each row's KV blocks (holding at least ``starts[b] + len`` positions).
             sample_rows: the rows whose chunk ends their prompt, in order: each samples its
                 first token from its last position (the others only write KV).
             sb: the sample rows' sampling state (None: greedy).
@@ -147,9 +148,7 @@ class SpecDecodeRunner:
         m, dev = self.model, self.device
         lengths = [len(c) for c in chunks]
         ids = torch.tensor([t for c in chunks for t in c], device=dev)[None]  # (1, T)
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        batch = m.packed_attention_batch(torch.tensor(slots, device=dev), lengths, starts,
-                                         (slots[0], slots[0] + len(slots)) if contiguous else None)
+        batch = m.packed_attention_batch(self._tables(block_tables), lengths, starts)
         hidden = m.forward_layers(m.embed(ids), 0, m.num_layers, self.cache, batch)  # (1, T, D)
         if not sample_rows:
             return RoundOutput([], [], [])
@@ -168,14 +167,16 @@ class SpecDecodeRunner:
         return result
 
     @torch.inference_mode()
-    def decode_round(self, slots: list[int], last_tokens: list[int], num_computed: list[int],
+    def decode_round(self, block_tables: list[list[int]], last_tokens: list[int],
+                     num_computed: list[int],
                      exit_layer: int, k: int, sb: SamplingBatch | None = None,
                      num_speculations: list[int] | None = None,
                      num_logprobs: list[int | None] | None = None) -> RoundOutput:
         """One round for a batch of ``B`` sequences.
 
         Args:
-            slots: each sequence's cache slot.
+            block_tables: each sequence's KV blocks, holding at least ``num_computed + k + 1``
+                positions (the round writes the drafts' KV there).
             last_tokens: each sequence's last token (sampled, not yet run through the model).
             num_computed: each sequence's ``num_computed_tokens`` (the last token's position).
             exit_layer: ``E`` in ``1..L``.
@@ -184,17 +185,15 @@ class SpecDecodeRunner:
             num_speculations: each row's own ``k_b ≤ k`` (default ``k``).
             num_logprobs: each row's number of top logprobs, or None for no logprobs.
         """
-        m, dev, B = self.model, self.device, len(slots)
+        m, dev = self.model, self.device
         fast = sb is None or sb.all_greedy_plain
-        slot_t = torch.tensor(slots, device=dev)  # (B,)
+        tables = self._tables(block_tables)
         base = torch.tensor(num_computed, device=dev)[:, None]  # (B, 1)
-        contiguous = slots == list(range(slots[0], slots[0] + B))
-        slot_range = (slots[0], slots[0] + B) if contiguous else None
         top = max(num_computed)
         tok = torch.tensor(last_tokens, device=dev)[:, None]  # (B, 1)
         self.last_timing = None
         if k == 0:
-            batch = m.attention_batch(slot_t, base, top + 1, slot_range)
+            batch = m.attention_batch(tables, base, top + 1)
             hidden = m.forward_layers(m.embed(tok), 0, m.num_layers, self.cache, batch)
             return self._finish(m.logits(hidden), tok[:, :0], None, None if fast else sb,
                                 None, num_logprobs)
@@ -202,7 +201,7 @@ class SpecDecodeRunner:
         clock = _Clock(dev)
         clock.mark()
         for i in range(k + 1):
-            batch = m.attention_batch(slot_t, base + i, top + i + 1, slot_range)
+            batch = m.attention_batch(tables, base + i, top + i + 1)
             hidden = m.forward_layers(m.embed(tok), 0, exit_layer, self.cache, batch)
             exit_states.append(hidden)  # (B, 1, D)
             if i < k:
@@ -218,7 +217,7 @@ class SpecDecodeRunner:
                 if i == k - 1:
                     clock.mark()
         positions = base + torch.arange(k + 1, device=dev)  # (B, k+1)
-        batch = m.attention_batch(slot_t, positions, top + k + 1, slot_range)
+        batch = m.attention_batch(tables, positions, top + k + 1)
         hidden = m.forward_layers(torch.cat(exit_states, 1), exit_layer, m.num_layers,
                                   self.cache, batch)  # (B, k+1, D)
         out = self._finish(m.logits(hidden), torch.cat(drafts, 1),
@@ -227,6 +226,9 @@ class SpecDecodeRunner:
         draft, verify = clock.intervals()
         self.last_timing = (draft / k, verify)
         return out
+
+    def _tables(self, block_tables: list[list[int]]) -> BlockTables:
+        return BlockTables.build(block_tables, self.cache.block_size, self.device)
 
     def _finish(self, logits, drafts, draft_scores, sb, num_speculations, num_logprobs,
                 clock: _Clock | None = None) -> RoundOutput:

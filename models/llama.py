@@ -5,13 +5,16 @@ the draft runs layers ``[0, E)`` and reads the result out through the model's ow
 LM head; the verifier runs ``[E, L)`` on the cached exit hidden states. transformers' modules
 always run every layer, so the forward is ours, written for small per-call overhead: fused q/k/v
 and gate/up projections, RoPE tables computed once, one fused RMSNorm kernel, and attention with
-``scaled_dot_product_attention`` over a static per-slot KV cache (as in gpt-fast). It matches
-``transformers.LlamaForCausalLM`` within 1e-4 in fp32 (``tests/model/test_llama_reference.py``).
+``scaled_dot_product_attention`` over a paged KV cache (vLLM's PagedAttention layout, read the
+gpt-fast way). It matches ``transformers.LlamaForCausalLM`` within 1e-4 in fp32
+(``tests/model/test_llama_reference.py``).
 
-The cache is anything with ``k`` and ``v``: lists (one per layer) of tensors of shape
-``(num_slots, num_kv_heads, max_len, head_dim)`` (see ``engine.kv_cache.KVCache``). A batch row
-``b`` writes its new keys at ``[slots[b], :, positions[b]]`` and attends to keys ``0..position``
-of its slot; rolling a sequence back is only a matter of the positions the next call uses.
+The cache is anything with ``k`` and ``v``: lists (one per layer) of block pools of shape
+``(num_blocks, block_size, num_kv_heads, head_dim)`` (see ``engine.kv_cache.KVCache``). A batch
+row ``b`` with block table ``t`` writes position ``p``'s keys at ``[t[p // block_size], p %
+block_size]`` and attends to keys ``0..position`` of its own blocks, gathered block by block
+(one ``index_select`` per layer and call) or, for one sequence whose blocks are consecutive, read
+as a view; rolling a sequence back is only a matter of the positions the next call uses.
 """
 
 from __future__ import annotations
@@ -36,35 +39,65 @@ class LlamaShape:
 
 
 @dataclass
+class BlockTables:
+    """A batch's block tables on the device, built once per round and shared by its calls.
+
+    Attributes:
+        table: ``(B, nb)`` block ids, row ``b``'s first ``len(tables[b])`` real and the rest
+            padding (block 0, always masked).
+        block_size: positions per block (tokens).
+        first_block: when the batch is one sequence whose blocks are consecutive, its first
+            block (attention then reads the pool as a view, no gather); else None.
+    """
+
+    table: torch.Tensor
+    block_size: int
+    first_block: int | None
+
+    @classmethod
+    def build(cls, tables: list[list[int]], block_size: int, device) -> "BlockTables":
+        """From host lists of block ids (one per row; no device sync)."""
+        nb = max(len(t) for t in tables)
+        first = None
+        if len(tables) == 1 and tables[0] == list(range(tables[0][0], tables[0][0] + nb)):
+            first = tables[0][0]
+        padded = [t + [0] * (nb - len(t)) for t in tables]
+        return cls(torch.tensor(padded, device=device), block_size, first)
+
+
+@dataclass
 class AttentionBatch:
     """Where one forward call's tokens sit: built once per call and shared by all its layers.
 
     Attributes:
-        slots: ``(B,)`` cache slot of each batch row.
+        slot_mapping: ``(B, T)`` (packed: ``(1, T)``) where each new token's keys go in the
+            pool flattened to ``(num_blocks · block_size, KV, hd)`` (vLLM's ``slot_mapping``).
         positions: ``(B, T)`` position of each new token.
         cos, sin: ``(B, T, 1, head_dim)`` RoPE factors of those positions.
         mask: ``(B, 1, T, S)`` bool, True where a query may attend to a key, or None when every
             key is visible (one sequence, one token).
         num_keys: ``S``, the key positions read from the cache (the largest position, plus one).
-        slot_range: ``(first, last + 1)`` when the slots are consecutive, so the cache can be read
-            as a view instead of gathered.
+        gather_index: ``(B · nb,)`` the blocks to read, row by row (``nb`` blocks hold ``S``
+            positions); None when :attr:`first_block` reads a view.
+        first_block: see :attr:`BlockTables.first_block`.
+        block_size: positions per block (tokens).
         pad_index: packed calls only (:meth:`LlamaModel.packed_attention_batch`): ``(T,)``, where
             each of the ``T`` packed tokens sits in the padded ``(B · T_max)`` query layout; its
-            slot is ``slots[pad_index // T_max]``. None for an ordinary ``(B, T)`` batch.
+            row is ``pad_index // T_max``. None for an ordinary ``(B, T)`` batch.
         max_chunk: packed calls only: ``T_max``, the longest row's token count.
-        token_slots: packed calls only: ``(1, T)`` the cache slot of each packed token.
     """
 
-    slots: torch.Tensor
+    slot_mapping: torch.Tensor
     positions: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     mask: torch.Tensor | None
     num_keys: int
-    slot_range: tuple[int, int] | None
+    gather_index: torch.Tensor | None
+    first_block: int | None
+    block_size: int
     pad_index: torch.Tensor | None = None
     max_chunk: int = 0
-    token_slots: torch.Tensor | None = None
 
 
 class LlamaModel:
@@ -167,38 +200,43 @@ class LlamaModel:
         full = logits.new_full((*logits.shape[:-1], self.shape.vocab_size), float("-inf"))
         return full.index_copy_(-1, self.draft_ids, logits)  # (B, T, V)
 
-    def attention_batch(self, slots: torch.Tensor, positions: torch.Tensor, num_keys: int,
-                        slot_range: tuple[int, int] | None = None) -> AttentionBatch:
-        """Build the per-call geometry for tokens at ``positions`` ``(B, T)`` of cache ``slots`` ``(B,)``.
+    def attention_batch(self, tables: BlockTables, positions: torch.Tensor,
+                        num_keys: int) -> AttentionBatch:
+        """Build the per-call geometry for tokens at ``positions`` ``(B, T)`` of the rows of
+        ``tables``.
 
         ``num_keys`` is ``max(positions) + 1``, passed in by the caller, who knows it on the host,
         so that building the batch never waits for the device. Keys at positions up to each
         query's own position are visible (causal within the new tokens, everything before them);
-        stale keys past a rolled-back length are masked.
+        stale keys past a rolled-back length, and padding blocks, are masked.
         """
         B, T = positions.shape
+        bs = tables.block_size
         mask = None  # one token of one sequence sees all num_keys keys: no mask, a faster kernel
         if B > 1 or T > 1:
             key_pos = torch.arange(num_keys, device=positions.device)  # (S,)
             mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        slot_mapping = tables.table.gather(1, positions // bs) * bs + positions % bs  # (B, T)
         return AttentionBatch(
-            slots=slots, positions=positions,
+            slot_mapping=slot_mapping, positions=positions,
             cos=self.rope_cos[positions][:, :, None], sin=self.rope_sin[positions][:, :, None],
-            mask=mask, num_keys=num_keys, slot_range=slot_range,
+            mask=mask, num_keys=num_keys, gather_index=_gather_index(tables, num_keys),
+            first_block=tables.first_block, block_size=bs,
         )
 
-    def packed_attention_batch(self, slots: torch.Tensor, lengths: list[int], starts: list[int],
-                               slot_range: tuple[int, int] | None = None) -> AttentionBatch:
+    def packed_attention_batch(self, tables: BlockTables, lengths: list[int],
+                               starts: list[int]) -> AttentionBatch:
         """The geometry of ``B`` chunks of different lengths packed into one ``(1, T)`` call
         (chunked prefill: every prefill chunk of a step in one forward, whatever its length).
 
         Row ``b`` brings ``lengths[b]`` tokens at positions ``starts[b]..starts[b]+lengths[b]−1``
-        of cache slot ``slots[b]``. The projections and MLPs run on the ``T = Σ lengths`` packed
-        tokens (no padding); only attention scatters the queries into a padded ``(B, T_max)``
-        layout, so each row attends over its own slot's keys (FlashAttention's "varlen" idea
+        of its blocks ``tables.table[b]``. The projections and MLPs run on the ``T = Σ lengths``
+        packed tokens (no padding); only attention scatters the queries into a padded ``(B,
+        T_max)`` layout, so each row attends over its own keys (FlashAttention's "varlen" idea
         with a plain gather). Padding never writes KV. Host lists in, so no device sync.
         """
-        dev, B, t_max = slots.device, len(lengths), max(lengths)
+        dev, B, t_max = tables.table.device, len(lengths), max(lengths)
+        bs = tables.block_size
         pad_index = torch.tensor([b * t_max + i for b, n in enumerate(lengths) for i in range(n)],
                                  device=dev)  # (T,)
         positions = torch.tensor([s + i for s, n in zip(starts, lengths) for i in range(n)],
@@ -208,18 +246,21 @@ class LlamaModel:
         pad_pos[pad_index] = positions[0]
         key_pos = torch.arange(num_keys, device=dev)  # (S,)
         mask = (key_pos[None, None, :] <= pad_pos.view(B, t_max, 1))[:, None]  # (B, 1, T_max, S)
-        return AttentionBatch(slots=slots, positions=positions,
+        rows = pad_index // t_max  # (T,) each packed token's row
+        slot_mapping = (tables.table[rows, positions[0] // bs] * bs + positions[0] % bs)[None]
+        return AttentionBatch(slot_mapping=slot_mapping, positions=positions,
                               cos=self.rope_cos[positions][:, :, None],
                               sin=self.rope_sin[positions][:, :, None], mask=mask,
-                              num_keys=num_keys, slot_range=slot_range, pad_index=pad_index,
-                              max_chunk=t_max, token_slots=slots[pad_index // t_max][None])
+                              num_keys=num_keys, gather_index=_gather_index(tables, num_keys),
+                              first_block=tables.first_block, block_size=bs,
+                              pad_index=pad_index, max_chunk=t_max)
 
     def forward_layers(self, hidden: torch.Tensor, start: int, end: int, cache,
                        batch: AttentionBatch) -> torch.Tensor:
         """Run decoder layers ``[start, end)`` on ``(B, T, D)`` hidden states; return ``(B, T, D)``.
 
-        Each layer writes the new tokens' keys and values into ``cache`` at ``batch``'s slots and
-        positions before attending, so a later call can continue from them.
+        Each layer writes the new tokens' keys and values into ``cache`` at ``batch``'s
+        ``slot_mapping`` before attending, so a later call can continue from them.
         """
         for i in range(start, end):
             hidden = self._layer(i, hidden, cache, batch)
@@ -266,17 +307,30 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def _gather_index(tables: BlockTables, num_keys: int) -> torch.Tensor | None:
+    """``(B · nb,)`` the blocks holding each row's first ``num_keys`` positions, row by row."""
+    if tables.first_block is not None:
+        return None
+    return tables.table[:, :-(-num_keys // tables.block_size)].reshape(-1)
+
+
 def _cache_update(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write ``(B, T, KV, hd)`` keys/values at the batch's slots and positions; read ``(B, KV, S, hd)``."""
-    if batch.token_slots is not None:  # packed: (1, T) tokens, each with its own row's slot
-        rows = batch.token_slots  # (1, T)
-    else:
-        rows = batch.slots[:, None]  # (B, 1), broadcast against positions (B, T)
-    k_cache[rows, :, batch.positions] = k
-    v_cache[rows, :, batch.positions] = v
-    num_keys = batch.num_keys
-    if batch.slot_range is not None:
-        first, stop = batch.slot_range
-        return k_cache[first:stop, :, :num_keys], v_cache[first:stop, :, :num_keys]
-    return k_cache[batch.slots, :, :num_keys], v_cache[batch.slots, :, :num_keys]
+    """Write ``(B, T, KV, hd)`` keys/values at the batch's ``slot_mapping``; read every row's
+    first ``S`` positions as ``(B, KV, S, hd)`` (a view of the pool for one sequence with
+    consecutive blocks, else one block-granular ``index_select`` per tensor)."""
+    _, bs, KV, hd = k_cache.shape
+    k_flat, v_flat = k_cache.view(-1, KV, hd), v_cache.view(-1, KV, hd)
+    k_flat[batch.slot_mapping] = k
+    v_flat[batch.slot_mapping] = v
+    S = batch.num_keys
+    if batch.first_block is not None:
+        lo = batch.first_block * bs
+        return k_flat[lo:lo + S][None].transpose(1, 2), v_flat[lo:lo + S][None].transpose(1, 2)
+    index = batch.gather_index
+    B = index.numel() // -(-S // bs)  # rows: the index holds nb = ceil(S / bs) blocks per row
+
+    def read(pool: torch.Tensor) -> torch.Tensor:
+        return pool.index_select(0, index).view(B, -1, KV, hd)[:, :S].transpose(1, 2)
+
+    return read(k_cache), read(v_cache)

@@ -88,6 +88,14 @@ FLAGS = (
     ("max-model-len", int, None, "prompt + completion limit in tokens (default: the model's)"),
     ("allow-long-max-model-len", "bool", False, "accept a --max-model-len above the model's "
      "context (vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN); refused at start-up otherwise"),
+    ("block-size", int, 16, "KV cache positions per block (tokens)"),
+    ("kv-cache-memory-bytes", int, None, "the KV cache's memory budget in bytes, which sets its "
+     "number of blocks (default: on CUDA --gpu-memory-utilization of the device, on the CPU what "
+     "max-num-seqs sequences of max-model-len need, at most 4 GiB)"),
+    ("gpu-memory-utilization", float, 0.9, "CUDA, without --kv-cache-memory-bytes: the fraction "
+     "of the device's memory for weights and KV cache"),
+    ("enable-prefix-caching", "bool", True, "reuse the KV blocks of prompt prefixes already "
+     "computed (system prompts, few-shot headers) across requests"),
     ("max-waiting-requests", int, 1024, "most sequences (prompts x n) waiting beyond the "
      "max-num-seqs running ones; past it requests get 503 + Retry-After; 0 turns the bound off"),
     ("seed", int, 0, "random seed"),
@@ -198,6 +206,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, seed=args.seed,
         max_waiting_requests=args.max_waiting_requests or None,
         allow_long_max_model_len=args.allow_long_max_model_len,
+        block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
 
 

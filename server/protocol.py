@@ -144,12 +144,20 @@ class CompletionChoice(BaseModel):
     token_ids: list[int] | None = None
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's ``usage.prompt_tokens_details``: ``cached_tokens``, the prompt tokens whose KV
+    came from the prefix cache (tokens)."""
+
+    cached_tokens: int = 0
+
+
 class UsageInfo(BaseModel):
     """Token counts (tokens)."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class SpecDecodeStats(BaseModel):

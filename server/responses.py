@@ -11,15 +11,20 @@ from __future__ import annotations
 from engine.request import RequestOutput, TokenLogprob
 from server.protocol import (ChatChoice, ChatCompletionResponse, ChatLogprobs, ChatResponseMessage,
                              ChatTokenLogprob, CompletionChoice, CompletionLogprobs,
-                             CompletionResponse, SpecDecodeStats, TopLogprob, UsageInfo)
+                             CompletionResponse, PromptTokensDetails, SpecDecodeStats, TopLogprob,
+                             UsageInfo)
 from server.requests import PromptInfo
 
 
-def usage_of(prompt_tokens: dict[int, int], completion_tokens: dict[int, int], n: int) -> UsageInfo:
-    """Totals over all choices (indexed prompt-major): each prompt counted once, however large ``n``."""
-    p = sum(v for i, v in prompt_tokens.items() if i % n == 0)
-    c = sum(completion_tokens.values())
-    return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+def usage_of(lasts: dict[int, RequestOutput], n: int) -> UsageInfo:
+    """Totals over all choices' latest outputs (indexed prompt-major): each prompt, and its
+    tokens found in the prefix cache, counted once, however large ``n``."""
+    firsts = [o for i, o in lasts.items() if i % n == 0]
+    p = sum(o.num_prompt_tokens for o in firsts)
+    c = sum(o.num_output_tokens for o in lasts.values())
+    return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                     prompt_tokens_details=PromptTokensDetails(
+                         cached_tokens=sum(o.num_cached_tokens for o in firsts)))
 
 
 def spec_stats(outs: list[RequestOutput]) -> SpecDecodeStats:
@@ -179,9 +184,7 @@ class CompletionFormatter:
                                             finish_reason=last.finish_reason,
                                             stop_reason=last.stop_reason, **ids))
         lasts = [outs[-1] for outs in results]
-        return self._response(choices, usage=usage_of(
-            {i: o.num_prompt_tokens for i, o in enumerate(lasts)},
-            {i: o.num_output_tokens for i, o in enumerate(lasts)}, self.n),
+        return self._response(choices, usage=usage_of(dict(enumerate(lasts)), self.n),
             spec_decode=spec_stats(lasts))
 
 
@@ -265,7 +268,5 @@ class ChatFormatter:
                 token_ids=[t for o in outs for t in o.token_ids] if self.return_token_ids
                 else None))
         lasts = [outs[-1] for outs in results]
-        return self._response(choices, usage=usage_of(
-            {i: o.num_prompt_tokens for i, o in enumerate(lasts)},
-            {i: o.num_output_tokens for i, o in enumerate(lasts)}, self.n),
+        return self._response(choices, usage=usage_of(dict(enumerate(lasts)), self.n),
             spec_decode=spec_stats(lasts), **self._prompt_ids())

@@ -61,9 +61,7 @@ async def stream_events(streams: list[AsyncIterator], formatter, include_usage: 
     totals and the speculation statistics; without it, the chunk that finishes the last choice
     carries the statistics. An error ends the stream with an error event.
     """
-    prompt_tokens: dict[int, int] = {}
-    completion_tokens: dict[int, int] = {}
-    last: dict[int, object] = {}
+    last: dict = {}  # choice index → its latest RequestOutput
     async for index, out in merge_streams(streams):
         if isinstance(out, Exception):
             yield sse(error_body(str(out), "invalid_request_error" if isinstance(out, ValueError)
@@ -74,11 +72,10 @@ async def stream_events(streams: list[AsyncIterator], formatter, include_usage: 
             break
         first = index not in last
         last[index] = out
-        prompt_tokens[index], completion_tokens[index] = out.num_prompt_tokens, out.num_output_tokens
         bodies = formatter.chunks(index, out, first)
         for body in bodies:
             if include_usage:
-                body["usage"] = (usage_of(prompt_tokens, completion_tokens, n).model_dump()
+                body["usage"] = (usage_of(last, n).model_dump()
                                  if continuous_usage else None)
         if bodies and not include_usage and len(last) == len(streams) \
                 and all(o.finished for o in last.values()):
@@ -87,6 +84,6 @@ async def stream_events(streams: list[AsyncIterator], formatter, include_usage: 
             yield sse(body)
     else:
         if include_usage:
-            yield sse(formatter.final_chunk(usage_of(prompt_tokens, completion_tokens, n),
+            yield sse(formatter.final_chunk(usage_of(last, n),
                                             spec_stats(list(last.values()))))
     yield sse("[DONE]")

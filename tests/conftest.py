@@ -63,6 +63,28 @@ def tiny_model(tmp_path_factory) -> str:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
+def make_cache(model, num_seqs: int, num_tokens: int, block_size: int = 4, scramble: bool = True):
+    """A paged :class:`engine.kv_cache.KVCache` for ``num_seqs`` sequences of ``num_tokens``
+    positions, and each sequence's block table; ``scramble`` hands the blocks out in a shuffled
+    order, so that no table is consecutive (the gather path) and indexing mistakes show."""
+    from engine.kv_cache import KVCache, blocks_for
+
+    s, nb = model.shape, blocks_for(num_tokens, block_size)
+    ids = list(range(1, num_seqs * nb + 1))  # block 0 stays unused: it is the tables' padding
+    if scramble:
+        random.Random(0).shuffle(ids)
+    cache = KVCache(s.num_layers, num_seqs * nb + 1, block_size, s.num_kv_heads, s.head_dim,
+                    model.dtype, model.device)
+    return cache, [ids[i * nb:(i + 1) * nb] for i in range(num_seqs)]
+
+
+def tables(cache, block_tables: list[list[int]]):
+    """``models.llama.BlockTables`` of some sequences' block tables."""
+    from models.llama import BlockTables
+
+    return BlockTables.build(block_tables, cache.block_size, cache.k[0].device)
+
+
 def run_engine(core: EngineCore, prompts: list[list[int]], max_tokens: int | list[int] = 24,
                arrive_at: list[int] | None = None, **request_kwargs) -> dict[str, list]:
     """Drive ``core`` step by step; request ``i`` is added before step ``arrive_at[i]``.

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -12,7 +14,8 @@ def test_speedup_benchmark_runs_and_reports_equal_outputs(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "speedup.py"), "--num-prompts", "2",
-         "--max-tokens", "8", "--prompt-tokens", "32", "--split", "valid", "--repeats", "1", "--out", str(out)],
+         "--max-tokens", "8", "--prompt-tokens", "32", "--split", "valid", "--repeats", "1", "--out", str(out),
+         "--no-adaptive-speculation"],  # adaptive may rightly draft nothing on a loaded machine
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "speedup:" in proc.stdout and "acceptance rate:" in proc.stdout
@@ -40,3 +43,20 @@ def test_a_60_s_soak_has_no_errors_and_no_greedy_mismatches(tmp_path):
                                      "layerskip_num_requests_waiting": 0.0}
     assert report["rss_mib_end"]["total"] > 0 and report["server_exit_code"] == 0
     assert proc.returncode == 0
+
+
+def test_prefix_cache_benchmark_serves_the_shared_prefix_from_the_cache(tmp_path):
+    """``bench/prefix_cache.py``, one client, one repeat: the cached server reports the common
+    prefix as cached tokens, the uncached one none, and both give the same texts."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "prefix_cache.py"),
+                           "--concurrency", "1", "--repeats", "1", "--max-tokens", "4",
+                           "--prompts-per-client", "1", "--port", str(free_port()),
+                           "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "prefix-cache.json").read_text())
+    assert report["mismatches"] == 0
+    share = {(r["mode"], r["prefix_caching"]): r["cached_share"] for r in report["rows"]}
+    assert share[("plain", "uncached")] == share[("spec", "uncached")] == 0
+    assert share[("plain", "cached")] > 0.9 and share[("spec", "cached")] > 0.9
+    assert (tmp_path / "prefix-cache.png").exists()

@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kv_cache import KVCache
 from engine.request import SamplingParams
-from tests.conftest import run_engine, tokens_of
+from tests.conftest import make_cache, run_engine, tables, tokens_of
 from tests.model.test_equivalence import ARRIVALS, PROMPTS
 
 MAX_TOKENS = 20
@@ -32,7 +31,8 @@ def test_every_chunk_size_matches_whole_prompt_plain_decoding(expected, make_cor
     assert max(len(p) for p in prompts) < 64  # the largest budget prefills every prompt whole
     for k in (0, 3):
         core = make_core(model=bundled_model, num_speculations=k, adaptive_speculation=False,
-                         exit_layer=4, max_num_seqs=4, max_num_batched_tokens=budget)
+                         exit_layer=4, max_num_seqs=4, max_num_batched_tokens=budget,
+                         block_size=4)  # chunks start and end inside and across blocks
         calls = []
         real = core.runner.prefill_chunks
         core.runner.prefill_chunks = lambda chunks, *a, **kw: (calls.append([len(c) for c in chunks]),
@@ -62,29 +62,34 @@ def test_a_packed_call_matches_one_call_per_row(bundled_model, make_core):
     starts = [0, 5, 2]
 
     def cache():
-        return KVCache(s.num_layers, 3, s.num_kv_heads, 64, s.head_dim, m.dtype, "cpu")
+        return make_cache(m, 3, 64)
+
+    def keys(c, table, n):  # (n, KV, hd): a sequence's first n positions of the last layer
+        return c.k[-1][table].reshape(-1, s.num_kv_heads, s.head_dim)[:n]
 
     with torch.inference_mode():
-        separate, packed = cache(), cache()
+        (separate, sep_tables), (packed, pk_tables) = cache(), cache()
         want = []
-        for slot, p in enumerate(prompts):
+        for row, p in enumerate(prompts):
             # positions before the chunk first, as an earlier chunk would have left them
             ids = torch.tensor([p])
-            b = m.attention_batch(torch.tensor([slot]), torch.arange(len(p))[None], len(p))
+            b = m.attention_batch(tables(separate, sep_tables[row:row + 1]),
+                                  torch.arange(len(p))[None], len(p))
             want.append(m.forward_layers(m.embed(ids), 0, s.num_layers, separate, b)[0])
-            if starts[slot]:
-                head = torch.tensor([p[:starts[slot]]])
-                b = m.attention_batch(torch.tensor([slot]), torch.arange(starts[slot])[None],
-                                      starts[slot])
+            if starts[row]:
+                head = torch.tensor([p[:starts[row]]])
+                b = m.attention_batch(tables(packed, pk_tables[row:row + 1]),
+                                      torch.arange(starts[row])[None], starts[row])
                 m.forward_layers(m.embed(head), 0, s.num_layers, packed, b)
         tails = [p[st:] for p, st in zip(prompts, starts)]
         ids = torch.tensor([t for c in tails for t in c])[None]
-        batch = m.packed_attention_batch(torch.tensor([0, 1, 2]), [len(c) for c in tails], starts)
+        batch = m.packed_attention_batch(tables(packed, pk_tables), [len(c) for c in tails],
+                                         starts)
         got = m.forward_layers(m.embed(ids), 0, s.num_layers, packed, batch)[0]
     offset = 0
-    for slot, (p, st) in enumerate(zip(prompts, starts)):
+    for row, (p, st) in enumerate(zip(prompts, starts)):
         n = len(p) - st
-        torch.testing.assert_close(got[offset:offset + n], want[slot][st:], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(packed.k[-1][slot, :, :len(p)], separate.k[-1][slot, :, :len(p)],
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got[offset:offset + n], want[row][st:], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(keys(packed, pk_tables[row], len(p)),
+                                   keys(separate, sep_tables[row], len(p)), atol=1e-4, rtol=1e-4)
         offset += n

@@ -27,7 +27,7 @@ def test_exactly_max_tokens_come_out(cores, max_tokens):
     outs = run_engine(spec, [prompt], max_tokens, ignore_eos=True)["r0"]
     assert [t for o in outs for t in o.token_ids] == expected
     assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == max_tokens
-    assert not spec.has_work() and spec.scheduler.slots.num_free == spec.config.max_num_seqs
+    assert not spec.has_work() and spec.scheduler.blocks.num_free_blocks == spec.cache.num_blocks
 
 
 def test_eos_inside_an_accepted_chunk_cuts_there(cores, monkeypatch):
@@ -44,14 +44,14 @@ def test_eos_inside_an_accepted_chunk_cuts_there(cores, monkeypatch):
     assert all(o.finish_reason is None for o in outs[:-1])
 
 
-def test_abort_frees_the_slot(cores):
+def test_abort_frees_the_blocks(cores):
     _, spec = cores
     prompt = spec.tokenizer.encode(PROMPT)
     spec.add_request(EngineRequest("a", tuple(prompt), 50))
     spec.step()
     out = spec.abort_request("a")
     assert out.finish_reason == "abort" and not spec.has_work()
-    assert spec.scheduler.slots.num_free == spec.config.max_num_seqs
+    assert spec.scheduler.blocks.num_free_blocks == spec.cache.num_blocks
     assert spec.abort_request("a") is None
 
 
@@ -97,7 +97,7 @@ def test_a_failing_step_errors_its_requests_and_the_engine_keeps_serving(cores, 
     failed, ok = asyncio.run(scenario())
     assert failed[-1].finish_reason == "error" and "injected fault" in failed[-1].error
     assert [t for o in ok for t in o.token_ids] == expected
-    assert plain.scheduler.slots.num_free == plain.config.max_num_seqs
+    assert plain.scheduler.blocks.num_free_blocks == plain.cache.num_blocks
 
 
 def test_a_broken_inbox_fails_live_requests_instead_of_spinning(bundled_model, make_core, monkeypatch):
@@ -128,7 +128,7 @@ def test_a_broken_inbox_fails_live_requests_instead_of_spinning(bundled_model, m
 
     later = asyncio.run(scenario())
     assert later[-1].finish_reason == "length" and later[-1].num_output_tokens == 4
-    assert core.scheduler.slots.num_free == core.config.max_num_seqs
+    assert core.scheduler.blocks.num_free_blocks == core.cache.num_blocks
 
 
 def test_a_request_finished_by_a_failing_step_gets_an_error_not_a_hang(cores, monkeypatch):

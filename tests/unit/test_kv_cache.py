@@ -1,38 +1,108 @@
-"""The static per-slot KV cache: layout, size, and rollback by position alone."""
+"""The paged KV cache: layout, size, writes through block tables, rollback by position alone, and
+the block manager's references, prefix cache and LRU eviction."""
 
+import pytest
 import torch
 
-from engine.kv_cache import KVCache
-from models.llama import AttentionBatch, _cache_update
+from engine.kv_cache import BlockManager, KVCache, blocks_for, bytes_per_block
+from models.llama import AttentionBatch, BlockTables, _cache_update, _gather_index
 
 
-def _batch(slots, positions, num_keys, slot_range=None) -> AttentionBatch:
-    return AttentionBatch(slots=torch.tensor(slots), positions=torch.tensor(positions), cos=None,
-                          sin=None,
-                          mask=None, num_keys=num_keys, slot_range=slot_range)
+def _batch(tables: list[list[int]], positions, num_keys: int, block_size: int) -> AttentionBatch:
+    bt = BlockTables.build(tables, block_size, "cpu")
+    pos = torch.tensor(positions)
+    return AttentionBatch(slot_mapping=bt.table.gather(1, pos // block_size) * block_size
+                          + pos % block_size, positions=pos, cos=None, sin=None, mask=None,
+                          num_keys=num_keys, gather_index=_gather_index(bt, num_keys),
+                          first_block=bt.first_block, block_size=block_size)
 
 
 def test_layout_and_size():
-    cache = KVCache(num_layers=3, num_slots=4, num_kv_heads=2, max_len=16, head_dim=8,
+    cache = KVCache(num_layers=3, num_blocks=5, block_size=4, num_kv_heads=2, head_dim=8,
                     dtype=torch.float32, device="cpu")
     assert len(cache.k) == len(cache.v) == 3
-    assert cache.k[0].shape == (4, 2, 16, 8)
-    assert cache.nbytes == 2 * 3 * 4 * 2 * 16 * 8 * 4
+    assert cache.k[0].shape == (5, 4, 2, 8)
+    assert cache.nbytes == 2 * 3 * 5 * 4 * 2 * 8 * 4 == 5 * bytes_per_block(3, 4, 2, 8, torch.float32)
+    assert blocks_for(8, 4) == 2 and blocks_for(9, 4) == 3 and blocks_for(0, 4) == 0
 
 
-def test_writes_land_at_slot_and_position_and_rollback_overwrites_stale_entries():
-    cache = KVCache(1, 3, 1, 8, 2, torch.float32, "cpu")
+def test_writes_follow_the_block_table_and_rollback_overwrites_stale_entries():
+    cache = KVCache(1, 6, 2, 1, 2, torch.float32, "cpu")
     k, v = cache.k[0], cache.v[0]
     new = torch.arange(6, dtype=torch.float32).view(1, 3, 1, 2)  # (B, T, KV, hd)
-    k_all, _ = _cache_update(k, v, new, new, _batch([2], [[0, 1, 2]], 3, (2, 3)))
-    assert torch.equal(k[2, 0, :3], new[0, :, 0]) and k[0].abs().sum() == 0
-    assert k_all.shape == (1, 1, 3, 2)
+    # Positions 0, 1 in block 4, position 2 in block 1: not consecutive, so gathered.
+    k_all, _ = _cache_update(k, v, new, new, _batch([[4, 1]], [[0, 1, 2]], 3, 2))
+    assert torch.equal(k[4, :, 0], new[0, :2, 0]) and torch.equal(k[1, 0, 0], new[0, 2, 0])
+    assert k[0].abs().sum() == 0 and k_all.shape == (1, 1, 3, 2)
+    assert torch.equal(k_all[0, 0], new[0, :, 0])
     # Roll back to length 1 and write a different token at position 1: no copy, just overwrite.
     replacement = torch.full((1, 1, 1, 2), -1.0)
-    k_all, _ = _cache_update(k, v, replacement, replacement, _batch([2], [[1]], 2, (2, 3)))
+    k_all, _ = _cache_update(k, v, replacement, replacement, _batch([[4, 1]], [[1]], 2, 2))
     assert torch.equal(k_all[0, 0], torch.tensor([[0.0, 1.0], [-1.0, -1.0]]))
-    # Two slots that are not neighbours are gathered, each with its own position.
+    # Consecutive blocks of one sequence are read as a view of the pool (no gather).
+    batch = _batch([[2, 3]], [[3]], 4, 2)
+    assert batch.first_block == 2 and batch.gather_index is None
+    k_all, _ = _cache_update(k, v, replacement, replacement, batch)
+    assert k_all.data_ptr() == k[2].data_ptr() and k[3, 1, 0].tolist() == [-1.0, -1.0]
+    # Two rows with tables of different lengths: the short one is padded, each row its own keys.
     both = torch.ones(2, 1, 1, 2)
-    k_all, _ = _cache_update(k, v, both, both, _batch([0, 2], [[0], [3]], 4))
-    assert k_all.shape == (2, 1, 4, 2) and k[0, 0, 0].tolist() == [1.0, 1.0]
-    assert k[2, 0, 3].tolist() == [1.0, 1.0] and k[2, 0, 2].tolist() == [4.0, 5.0]
+    k_all, _ = _cache_update(k, v, both, both, _batch([[5], [4, 1]], [[0], [3]], 4, 2))
+    assert k_all.shape == (2, 1, 4, 2) and k[5, 0, 0].tolist() == [1.0, 1.0]
+    assert k[1, 1, 0].tolist() == [1.0, 1.0] and k_all[1, 0, 2].tolist() == [4.0, 5.0]
+
+
+def test_blocks_are_taken_consecutively_and_given_back():
+    blocks = BlockManager(num_blocks=6, block_size=4)
+    a, b = [], []
+    assert blocks.grow(a, 5) and a == [0, 1]  # 5 positions → 2 blocks
+    assert blocks.grow(b, 4) and b == [2]
+    assert blocks.grow(a, 12) and a == [0, 1, 3]  # 2 is b's: the next free one
+    assert blocks.num_free_blocks == 2 and blocks.usage == pytest.approx(4 / 6)
+    assert not blocks.grow(b, 16) and b == [2]  # 3 more needed, 2 free: nothing taken
+    blocks.shrink(a, 5)  # a rollback back across a block boundary
+    assert a == [0, 1] and blocks.num_free_blocks == 3
+    blocks.free(a)
+    blocks.free(b)
+    assert a == b == [] and blocks.num_free_blocks == 6 and blocks.usage == 0
+
+
+def test_prefix_cache_shares_full_blocks_and_evicts_the_least_recently_freed():
+    blocks = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    tokens = [1, 2, 3, 4, 5]
+    a = []
+    assert blocks.lookup(tokens, 4) == []  # nothing cached yet
+    blocks.grow(a, 5)
+    # Only the full blocks of computed positions are registered: [1, 2] and [3, 4].
+    assert blocks.cache_full_blocks(a, tokens, 5, 0) == 2
+    b = blocks.lookup(tokens, 4)
+    assert b == a[:2] and blocks.ref_count[a[0]] == 2
+    assert blocks.lookup([1, 2, 9, 9, 9], 4) == a[:1]  # a different second block: one hit
+    assert blocks.lookup([9, 2, 3, 4], 3) == []  # the chain starts at the first block
+    assert (blocks.num_queried_tokens, blocks.num_hit_tokens) == (5 + 5 + 5 + 4, 4 + 2)
+    blocks.free(b)
+    blocks.free([a[0]])  # the extra reference the one-hit lookup took
+    blocks.free(a)
+    assert blocks.num_free_blocks == 4
+    # Free but cached: a new lookup still finds them.
+    c = blocks.lookup(tokens, 4)
+    assert c == [0, 1]
+    blocks.free(c)
+    # Taking every block hands out the uncached ones first, then evicts the cached ones.
+    d = []
+    assert blocks.grow(d, 8) and sorted(d) == [0, 1, 2, 3]
+    assert set(d[:2]) == {2, 3}
+    assert blocks.lookup(tokens, 4) == []  # evicted
+    blocks.free(d)
+    blocks.reset_prefix_cache()
+
+
+def test_a_duplicate_block_stays_unregistered_and_never_evicts_the_first():
+    blocks = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    a, b = [], []
+    blocks.grow(a, 2)
+    blocks.grow(b, 2)
+    blocks.cache_full_blocks(a, [7, 8], 2, 0)
+    blocks.cache_full_blocks(b, [7, 8], 2, 0)  # computed at the same time: same key
+    blocks.free(b)
+    blocks.grow([], 6)  # evicts b's block (free, cached) but not a's mapping
+    assert blocks.lookup([7, 8, 1], 2) == a

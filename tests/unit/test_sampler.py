@@ -1,5 +1,6 @@
 """The greedy acceptance rule on hand-written logits."""
 
+import pytest
 import torch
 
 from engine.sampler import accept_drafts
@@ -124,3 +125,39 @@ def test_a_row_uses_only_its_own_number_of_drafts():
     tokens, accepted = accept_drafts(drafts, target, num_speculations=[3, 1])
     assert accepted.tolist() == [3, 1]
     assert tokens[1, :2].tolist() == [1, 2]
+
+
+def _sorted_reference(scores, top_k=None, top_p=None):
+    """Truncation by one full sort, as the textbook writes it."""
+    if top_k is not None:
+        kth = scores.sort(-1, descending=True).values.gather(
+            -1, top_k.expand(*scores.shape[:2], 1) - 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None:
+        sorted_scores, order = scores.sort(-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scores
+
+
+@pytest.mark.parametrize("scale, in_candidates", [(10.0, True), (4.0, False), (0.05, False)])
+def test_partial_top_k_and_top_p_equal_a_full_sort(scale, in_candidates):
+    """Peaked rows (every nucleus among the candidates: the partial path) and flatter ones
+    (the full sort) give the textbook truncation exactly."""
+    from engine.sampler import TOP_P_CANDIDATES, _top_k, _top_p
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 3, 4096, generator=gen) * scale
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.99, 0.3])[:, None, None]
+    top = scores.softmax(-1).topk(TOP_P_CANDIDATES, -1).values
+    covered = ((top.cumsum(-1) - top)[..., -1] > top_p[..., 0]) | (top_p[..., 0] >= 1)
+    assert bool(covered.all()) == in_candidates
+    top_k = torch.tensor([4096, 5, 40, 1, 300])[:, None, None]
+    want = _sorted_reference(scores, top_k, top_p)
+    got = _top_p(_top_k(scores, top_k, 300), top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    alone, ref = _top_p(scores, top_p).isinf(), _sorted_reference(scores, None, top_p).isinf()
+    truncating = [0, 2, 3, 4]  # the top_p = 1.0 row keeps every token (the sorted cumsum can
+    assert torch.equal(alone[truncating], ref[truncating])  # pass 1.0 by a rounding error)
+    assert not alone[1].any()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.kv_cache import SlotAllocator
+from engine.kv_cache import BlockManager
 from engine.request import EngineRequest, Sequence, SequenceStatus
 from engine.scheduler import Scheduler
 
@@ -11,18 +11,19 @@ def _seq(i: int, prompt_len: int = 3) -> Sequence:
     return Sequence(EngineRequest(f"r{i}", tuple(range(1, prompt_len + 1)), 4))
 
 
-def test_admits_fcfs_up_to_max_num_seqs_and_backfills_freed_slots():
-    sched = Scheduler(max_num_seqs=2)
+def test_admits_fcfs_up_to_max_num_seqs_and_backfills_freed_places():
+    sched = Scheduler(max_num_seqs=2, blocks=BlockManager(8, 4))
     seqs = [_seq(i) for i in range(3)]
     for s in seqs:
         sched.add(s)
     assert _run(sched) == ([("r0", 3), ("r1", 3)], [])
-    assert [s.slot for s in seqs[:2]] == [0, 1]
+    assert [s.block_table for s in seqs[:2]] == [[0], [1]]
     assert seqs[2].status == SequenceStatus.WAITING
     assert _run(sched) == ([], ["r0", "r1"])
     sched.finish(seqs[0], SequenceStatus.FINISHED_LENGTH)
-    assert seqs[0].slot is None
-    assert _run(sched) == ([("r2", 3)], ["r1"]) and seqs[2].slot == 0
+    assert seqs[0].block_table == []
+    assert _run(sched) == ([("r2", 3)], ["r1"])
+    assert seqs[1].block_table == [1, 2] and seqs[2].block_table == [3]  # 0 went to the back
 
 
 def test_finishing_a_waiting_sequence_removes_it():
@@ -45,18 +46,6 @@ def test_status_order_puts_finished_states_last():
     assert not any(s.is_finished for s in live) and all(s.is_finished for s in done)
 
 
-def test_slot_allocator_refuses_double_free_and_exhaustion():
-    slots = SlotAllocator(2)
-    a, b = slots.allocate(), slots.allocate()
-    assert (a, b) == (0, 1) and not slots.can_allocate()
-    with pytest.raises(RuntimeError):
-        slots.allocate()
-    slots.free(a)
-    with pytest.raises(ValueError):
-        slots.free(a)
-    assert slots.allocate() == 0
-
-
 def _run(sched: Scheduler):
     """One step as the engine runs it: chunks advance ``num_computed_tokens``; a finished prompt
     gets its first token; a decoding sequence gets one. Returns ``(prefill, decode)`` as
@@ -64,11 +53,13 @@ def _run(sched: Scheduler):
     out = sched.schedule()
     for seq, n in zip(out.prefill, out.chunk_sizes):
         seq.num_computed_tokens += n
-        if seq.num_computed_tokens == seq.num_prompt_tokens:
+        if seq.num_computed_tokens == seq.num_prefill_tokens and not seq.num_output_tokens:
             seq.token_ids.append(7)
+        sched.commit(seq)
     for seq in out.decode:
         seq.num_computed_tokens += 1
         seq.token_ids.append(7)
+        sched.commit(seq)
     return ([(s.request_id, n) for s, n in zip(out.prefill, out.chunk_sizes)],
             [s.request_id for s in out.decode])
 
@@ -149,3 +140,54 @@ def test_three_groups_take_turns():
     order = [s.request_id for s in sched.schedule().prefill]
     assert order == ["a-0", "b-0", "c-0", "a-1", "b-1", "c-1"]
     assert [s.request_id for s in sched.waiting] == ["a-2"]
+
+
+def test_blocks_cover_the_lookahead_and_a_rollback_gives_them_back():
+    sched = Scheduler(max_num_seqs=2, num_lookahead_tokens=3, blocks=BlockManager(8, 4))
+    seq = _seq(0, 3)
+    sched.add(seq)
+    _run(sched)  # prefill: positions 0..2 computed, its first token sampled
+    assert seq.block_table == [0]
+    out = sched.schedule()  # a round writes positions 3..6 (the last token and 3 drafts)
+    assert out.decode == [seq] and seq.block_table == [0, 1]
+    seq.num_computed_tokens += 1  # no draft accepted: back to position 4
+    seq.token_ids.append(7)
+    sched.commit(seq)
+    assert seq.block_table == [0, 1]  # position 4 (the next input) is in block 1
+    seq.num_computed_tokens -= 2  # (as if it had rolled back further) positions 0..2
+    sched.commit(seq)
+    assert seq.block_table == [0]
+
+
+def test_when_blocks_run_out_the_newest_is_preempted_and_recomputes_first():
+    sched = Scheduler(max_num_seqs=3, blocks=BlockManager(4, 4))
+    old, new = _seq(0, 8), _seq(1, 8)
+    sched.add(old)
+    sched.add(new)
+    assert _run(sched) == ([("r0", 8), ("r1", 8)], [])  # 2 blocks each: all 4 taken
+    assert sched.blocks.num_free_blocks == 0
+    # old's next round needs position 8: a third block; new is preempted for it.
+    prefill, decode = _run(sched)
+    assert decode == ["r0"] and prefill == [] and sched.num_preemptions == 1
+    assert new.status == SequenceStatus.WAITING and new.block_table == []
+    assert new.num_computed_tokens == 0 and new.num_prefill_tokens == 8  # its 8 prompt tokens
+    assert sched.waiting.peek() is new
+    sched.add(_seq(2, 2))  # a later arrival does not jump the preempted sequence
+    sched.finish(old, SequenceStatus.FINISHED_LENGTH)
+    prefill, _ = _run(sched)
+    assert prefill[0] == ("r1", 8) and new.num_output_tokens == 1  # recomputed, no new sample
+
+
+def test_a_preempted_sequence_recomputes_its_output_too():
+    sched = Scheduler(max_num_seqs=2, blocks=BlockManager(3, 4))
+    a, b = _seq(0, 3), _seq(1, 3)
+    for s in (a, b):
+        sched.add(s)
+    _run(sched)
+    for _ in range(2):
+        _run(sched)  # both decode: a at position 5, b at 5 (blocks [0, 2] and [1] → ...)
+    for _ in range(4):
+        _run(sched)
+    assert sched.num_preemptions >= 1
+    victim = b if b.status == SequenceStatus.WAITING else a
+    assert victim.num_prefill_tokens == len(victim.token_ids) - 1
