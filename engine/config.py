@@ -63,7 +63,7 @@ class EngineConfig:
     adaptive_speculation: bool = True
     draft_vocab_size: int | None = None
     draft_token_counts: str | None = None
-    max_num_seqs: int = 8
+    max_num_seqs: int = 16
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     max_waiting_requests: int | None = None

@@ -82,7 +82,7 @@ FLAGS = (
     ("dtype", str, "auto", "weights and KV cache dtype; auto is float32 on the CPU and bfloat16 "
      "on CUDA", DTYPES),
     ("device", _device, "cpu", "cpu, cuda or cuda:N"),
-    ("max-num-seqs", int, 8, "sequences decoded together"),
+    ("max-num-seqs", int, 16, "sequences decoded together"),
     ("max-num-batched-tokens", int, 2048, "tokens per step: decoding rounds first, then prompt "
      "chunks fill the rest (chunked prefill)"),
     ("max-model-len", int, None, "prompt + completion limit in tokens (default: the model's)"),

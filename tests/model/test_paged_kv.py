@@ -109,5 +109,5 @@ def test_start_up_refuses_a_budget_below_one_sequence(bundled_model, make_core):
         make_core(model=bundled_model, num_speculations=0, max_model_len=MAX_MODEL_LEN,
                   kv_cache_memory_bytes=_block_bytes(core))
     # The default budget is what max_num_seqs sequences of max_model_len need, not more.
-    need = 8 * blocks_for(MAX_MODEL_LEN + 33, BLOCK)
+    need = core.config.max_num_seqs * blocks_for(MAX_MODEL_LEN + 33, BLOCK)
     assert core.cache.num_blocks == need and core.cache.nbytes == need * _block_bytes(core)

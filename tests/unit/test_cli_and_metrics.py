@@ -9,7 +9,7 @@ def test_flags_read_the_environment_and_the_command_line_wins():
     env = {"LAYERSKIP_PORT": "9001", "LAYERSKIP_NUM_SPECULATIONS": "0", "LAYERSKIP_DEVICE": "cuda"}
     args = parse_args(["--device", "cpu"], environ=env)
     assert args.port == 9001 and args.num_speculations == 0 and args.device == "cpu"
-    assert args.host == "127.0.0.1" and args.max_num_seqs == 8
+    assert args.host == "127.0.0.1" and args.max_num_seqs == 16
     config = engine_config(args)
     assert config.num_speculations == 0 and config.model.endswith("layerskip-stdlib")
 
