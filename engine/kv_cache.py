@@ -106,21 +106,29 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def _take(self, prefer: int | None) -> int:
-        """One free block: ``prefer`` when it is free and uncached (so a sequence's blocks stay
-        consecutive, which lets batch-1 attention read them as a view), else the oldest uncached
-        one, else the least recently freed cached one (its hash dropped)."""
+        """One free block: ``prefer`` when it is free, cached or not (so a sequence's blocks stay
+        consecutive, which lets batch-1 attention read them as a view; after a prefix-cache hit
+        the next block is often the cached tail of the same prompt), else the oldest uncached
+        one, else the least recently freed cached one (eviction: its hash is dropped)."""
         if prefer is not None and prefer in self._free:
             del self._free[prefer]
             block = prefer
+        elif prefer is not None and prefer in self._free_cached:
+            del self._free_cached[prefer]
+            block = self._evict(prefer)
         elif self._free:
             block, _ = self._free.popitem(last=False)
         else:
-            block, _ = self._free_cached.popitem(last=False)
-            key = self._key_of.pop(block)
-            if self._cached.get(key) == block:
-                del self._cached[key]
-            self.block_hash[block] = None
+            block = self._evict(self._free_cached.popitem(last=False)[0])
         self.ref_count[block] = 1
+        return block
+
+    def _evict(self, block: int) -> int:
+        """Drop a free cached block's hash (it is about to be reused); return it."""
+        key = self._key_of.pop(block)
+        if self._cached.get(key) == block:
+            del self._cached[key]
+        self.block_hash[block] = None
         return block
 
     def grow(self, block_table: list[int], num_tokens: int) -> bool:

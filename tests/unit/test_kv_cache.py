@@ -106,3 +106,19 @@ def test_a_duplicate_block_stays_unregistered_and_never_evicts_the_first():
     blocks.free(b)
     blocks.grow([], 6)  # evicts b's block (free, cached) but not a's mapping
     assert blocks.lookup([7, 8, 1], 2) == a
+
+
+def test_after_a_prefix_hit_the_next_block_keeps_the_table_consecutive():
+    """The same prompt again: its hit blocks, then the block after them (the first run's cached
+    tail, evicted for it), so batch-1 attention still reads one view."""
+    blocks = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=True)
+    tokens = [1, 2, 3, 4, 5, 6]
+    first = []
+    blocks.grow(first, 6)
+    blocks.cache_full_blocks(first, tokens, 6, 0)
+    blocks.free(first)
+    again = blocks.lookup(tokens, 5)  # positions 0..3 cached; 4..5 to compute
+    assert again == [0, 1]
+    blocks.grow(again, 6)
+    assert again == [0, 1, 2]
+    assert blocks.lookup(tokens + [7, 8], 7) == [0, 1]  # block 2's old hash is gone
