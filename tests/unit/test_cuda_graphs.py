@@ -99,3 +99,13 @@ def test_the_padded_path_gives_the_eager_engine_s_tokens(bundled_model, make_cor
     graphs.begin_round = lambda tables, n: calls.append(len(tables)) or real_begin(tables, n)
     assert tokens_of(run_engine(core, prompts, 24, ARRIVALS)) == want
     assert 3 in calls and 1 in calls, calls  # a padded batch of three, and a single sequence
+
+
+def test_enforce_eager_flag_and_env_twin_and_no_graphs_on_the_cpu(tiny_model, make_core):
+    from server.cli import engine_config, parse_args
+
+    assert not engine_config(parse_args([], environ={})).enforce_eager
+    assert engine_config(parse_args(["--enforce-eager"], environ={})).enforce_eager
+    assert engine_config(parse_args([], environ={"LAYERSKIP_ENFORCE_EAGER": "1"})).enforce_eager
+    core = make_core(model=tiny_model, enforce_eager=False)  # the CPU: graphs always off
+    assert core.runner.graphs is None and core.cache.scratch_block is None
