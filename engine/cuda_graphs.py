@@ -145,7 +145,8 @@ class GraphRunner:
         self.capture_seconds = 0.0
 
     def fits(self, batch: int, num_keys: int, num_tokens: int) -> bool:
-        """Whether a call of ``batch`` rows of ``num_tokens`` over ``num_keys`` keys has a bucket."""
+        """Whether a call of ``batch`` rows of ``num_tokens`` tokens over ``num_keys`` keys has
+        a bucket."""
         return (batch <= self.batch_sizes[-1] and num_keys <= self.key_sizes[-1]
                 and num_tokens in self.positions)
 
@@ -183,14 +184,15 @@ class GraphRunner:
                             padded=True)
 
     def capture(self, exit_layer: int, ks: list[int]) -> None:
-        """Capture the plain decode step, the draft step (layers ``[0, exit_layer)``) and the
-        verify call for each ``k`` in ``ks``, for every batch and key bucket (largest first, so
-        that the shared pool is sized by the largest). A no-op without ``capture``."""
+        """Capture the plain decode step, the draft step (layers ``[0, exit_layer)``; not when
+        ``ks`` is empty) and the verify call for each ``k`` in ``ks``, for every batch and key
+        bucket (largest first, so that the shared pool is sized by the largest). A no-op
+        without ``capture``."""
         if not self.capture_enabled:
             return
         L, started = self.model.num_layers, time.perf_counter()
         self.exit_layer = exit_layer
-        kinds = [(1, 0, L, True), (1, 0, exit_layer, False)]
+        kinds = [(1, 0, L, True)] + ([(1, 0, exit_layer, False)] if ks else [])
         kinds += [(k + 1, exit_layer, L, True) for k in ks if k + 1 in self.positions]
         torch.cuda.synchronize()
         with torch.inference_mode():

@@ -46,6 +46,15 @@ def test_forward_matches_transformers_on_cuda(bundled_model, tiny_model):
         assert err < CUDA_TOL, f"{folder}: max |logit difference| {err:.2e}"
 
 
+@pytest.mark.parametrize("k", (0, 3))
+def test_captured_padding_rows_write_only_the_scratch_block(tiny_model, k):
+    """The CPU padding test, with the graphs captured and replayed."""
+    from tests.unit.test_cuda_graphs import (
+        test_padding_rows_write_only_the_scratch_block_and_change_no_row as padding_test)
+
+    padding_test(tiny_model, k, device="cuda")
+
+
 def _top2_gap(core, prompt: list[int], prefix: list[int]) -> float:
     """Plain decoding's top-2 logit gap for the token after ``prompt + prefix`` (one prefill)."""
     m = core.model

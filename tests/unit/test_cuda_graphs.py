@@ -37,25 +37,32 @@ def test_a_cache_without_a_scratch_block_is_refused(tiny_model):
         GraphRunner(model, cache, 4, 32, 3)
 
 
-def _runner_pair(model, num_blocks: int, block_size: int = 4):
-    """Two runners over identical zeroed caches with a scratch block: eager, and padded."""
+def _runner_pair(model, num_blocks: int, block_size: int = 4, capture: bool = False,
+                 k: int = 3, exit_layer: int = 2):
+    """Two runners over identical zeroed caches with a scratch block: eager, and padded (with
+    ``capture``, on CUDA, its graphs captured for ``exit_layer`` and ``1..k``)."""
     s = model.shape
 
     def cache():
         return KVCache(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim,
-                       model.dtype, "cpu", scratch_block=True)
+                       model.dtype, model.device, scratch_block=True)
 
     eager, padded_cache = SpecDecodeRunner(model, cache()), cache()
-    graphs = GraphRunner(model, padded_cache, 4, 64, 4, smallest_key_bucket=8)
+    graphs = GraphRunner(model, padded_cache, 4, 64, 4, capture, smallest_key_bucket=8)
+    graphs.capture(exit_layer, list(range(1, k + 1)))
     return eager, SpecDecodeRunner(model, padded_cache, graphs)
 
 
 @pytest.mark.parametrize("k", (0, 3))
-def test_padding_rows_write_only_the_scratch_block_and_change_no_row(tiny_model, k):
+def test_padding_rows_write_only_the_scratch_block_and_change_no_row(tiny_model, k,
+                                                                     device="cpu"):
     """Three rows padded to four, keys padded to a 16-token bucket: the round's tokens equal the
-    unpadded round's, and every block outside the rows' tables but the scratch one stays zero."""
-    model = load_checkpoint(tiny_model, "cpu", "float32").model
-    eager, padded = _runner_pair(model, num_blocks=12)
+    unpadded round's, and every block outside the rows' tables but the scratch one stays zero.
+    (``tests/model/test_cuda.py`` runs it on CUDA with captured graphs.)"""
+    model = load_checkpoint(tiny_model, device, "float32").model
+    eager, padded = _runner_pair(model, num_blocks=12, capture=device != "cpu", k=max(k, 1))
+    if device != "cpu":
+        assert padded.graphs.graphs, "no graph was captured"
     tables = [[3, 7], [1, 9, 4], [10, 5]]  # scrambled, of different lengths
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23]]
     for runner in (eager, padded):
