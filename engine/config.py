@@ -50,6 +50,10 @@ class EngineConfig:
             the device's memory the engine may hold, weights and KV cache together (vLLM's).
         enable_prefix_caching: reuse the KV blocks of cached prompt prefixes across requests
             (vLLM's automatic prefix caching, on by default as in vLLM v1).
+        enforce_eager: never use CUDA graphs (vLLM's ``--enforce-eager``): every decode step,
+            draft step and verify call runs eagerly. Without it, on CUDA, start-up captures one
+            graph per batch-size bucket, key-length bucket and call kind
+            (:mod:`engine.cuda_graphs`); on the CPU graphs are always off.
         seed: seed of the engine's generator, which draws the noise of requests without their
             own ``seed`` (so a whole run repeats for the same arrivals), and of torch's global one.
     """
@@ -72,6 +76,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False
     seed: int = 0
 
 

@@ -35,19 +35,25 @@ class KVCache:
         block_size: positions per block (tokens).
         num_kv_heads, head_dim: the model's KV geometry.
         dtype, device: where the tensors live.
+        scratch_block: also allocate one block past the ``num_blocks`` the block manager hands
+            out, :attr:`scratch_block`, which no sequence ever owns: the padding rows of a
+            CUDA graph's static batch (:mod:`engine.cuda_graphs`) write their KV there, so they
+            never touch another sequence's blocks.
 
-    Memory: ``2 · L · num_blocks · block_size · num_kv_heads · head_dim · dtype size`` bytes,
-    reported by :attr:`nbytes` (:func:`bytes_per_block` gives one block's share).
+    Memory: ``2 · L · (num_blocks [+ 1]) · block_size · num_kv_heads · head_dim · dtype size``
+    bytes, reported by :attr:`nbytes` (:func:`bytes_per_block` gives one block's share).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: str | torch.device):
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+                 head_dim: int, dtype: torch.dtype, device: str | torch.device,
+                 scratch_block: bool = False):
+        shape = (num_blocks + scratch_block, block_size, num_kv_heads, head_dim)
         # Zeros, not empty: a padded block-table entry reads some block's keys under a mask, and
         # masked keys must be finite (0 · NaN is NaN in the attention product).
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.scratch_block: int | None = num_blocks if scratch_block else None
 
     @property
     def nbytes(self) -> int:

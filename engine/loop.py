@@ -17,6 +17,7 @@ import torch
 from engine.config import (DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_MAX_MODEL_LEN_CAP,
                            DEFAULT_NUM_SPECULATIONS,
                            MAX_NUM_SPECULATIONS, EngineConfig)
+from engine.cuda_graphs import GraphRunner
 from engine.detokenizer import IncrementalDetokenizer, TokenBytes
 from engine.kv_cache import BlockManager, KVCache, blocks_for, bytes_per_block
 from engine.outputs import append_with_stops, make_output
@@ -125,9 +126,11 @@ class EngineCore:
         self.draft_vocab_size = self._set_draft_vocab()
         s = self.model.shape
         num_blocks = self._num_kv_blocks(cache_len)
+        self.use_cuda_graphs = self.model.device.type == "cuda" and not config.enforce_eager
         self.cache = KVCache(L, num_blocks, config.block_size, s.num_kv_heads, s.head_dim,
-                             self.model.dtype, self.model.device)
-        self.runner = SpecDecodeRunner(self.model, self.cache)
+                             self.model.dtype, self.model.device,
+                             scratch_block=self.use_cuda_graphs)
+        self.runner = SpecDecodeRunner(self.model, self.cache, self._capture_graphs(cache_len))
         self.policy = SpeculationController(L, self.exit_layer, config.adaptive_speculation)
         self._round_seconds = 0.0  # time inside decode rounds during the current step
         if config.adaptive_speculation and self.num_speculations:
@@ -215,6 +218,19 @@ class EngineCore:
                 f"{per_seq * per_block} bytes: raise --kv-cache-memory-bytes (or "
                 "--gpu-memory-utilization) or lower --max-model-len")
         return num_blocks
+
+    def _capture_graphs(self, cache_len: int) -> GraphRunner | None:
+        """On CUDA without ``enforce_eager``: capture the decode-time graphs for every batch
+        bucket up to ``max_num_seqs``, every key bucket up to ``cache_len`` and every ``k`` up
+        to ``num_speculations`` at the engine's exit layer (:mod:`engine.cuda_graphs`, which
+        estimates the cost); else None (every call eager)."""
+        if not self.use_cuda_graphs:
+            return None
+        k_max = self.num_speculations
+        graphs = GraphRunner(self.model, self.cache, self.config.max_num_seqs, cache_len,
+                             k_max + 1, capture=True)
+        graphs.capture(self.exit_layer, list(range(1, k_max + 1)))
+        return graphs
 
     def _calibrate(self) -> None:
         """Seed the controller's cost table with timed dummy rounds (no block is in use yet,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.cuda_graphs import EagerForward, GraphRunner
 from engine.sampler import SamplingBatch, accept_drafts, process_logits, sample_tokens
 from models.llama import BlockTables
 
@@ -86,12 +87,16 @@ class SpecDecodeRunner:
     seconds (a draft step: ``E`` layers + norm + head + token choice; the verify call: the last
     draft's ``E`` layers, layers ``[E, L)`` over ``k + 1`` tokens, the head and acceptance, up to
     the host transfer); after a plain round it is None.
+
+    ``graphs``: a :class:`engine.cuda_graphs.GraphRunner` whose buckets decode rounds run
+    through (padded; replayed CUDA graphs where captured); None runs every call eagerly.
     """
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, graphs: GraphRunner | None = None):
         self.model = model
         self.cache = cache
         self.device = model.device
+        self.graphs = graphs
         self.last_timing: tuple[float, float] | None = None
 
     @torch.inference_mode()
@@ -185,25 +190,23 @@ class SpecDecodeRunner:
             num_speculations: each row's own ``k_b ≤ k`` (default ``k``).
             num_logprobs: each row's number of top logprobs, or None for no logprobs.
         """
-        m, dev = self.model, self.device
+        m, dev, L = self.model, self.device, self.model.num_layers
         fast = sb is None or sb.all_greedy_plain
-        tables = self._tables(block_tables)
-        base = torch.tensor(num_computed, device=dev)[:, None]  # (B, 1)
         top = max(num_computed)
+        forward = self._forward(block_tables, top, exit_layer, k)
+        base = torch.tensor(num_computed, device=dev)[:, None]  # (B, 1)
         tok = torch.tensor(last_tokens, device=dev)[:, None]  # (B, 1)
         self.last_timing = None
         if k == 0:
-            batch = m.attention_batch(tables, base, top + 1)
-            hidden = m.forward_layers(m.embed(tok), 0, m.num_layers, self.cache, batch)
-            return self._finish(m.logits(hidden), tok[:, :0], None, None if fast else sb,
-                                None, num_logprobs)
+            logits = forward(tok, base, top + 1, 0, L, True)  # (B, 1, V)
+            return self._finish(logits, tok[:, :0], None, None if fast else sb, None,
+                                num_logprobs)
         exit_states, drafts, draft_scores = [], [], []
         clock = _Clock(dev)
         clock.mark()
         for i in range(k + 1):
-            batch = m.attention_batch(tables, base + i, top + i + 1)
-            hidden = m.forward_layers(m.embed(tok), 0, exit_layer, self.cache, batch)
-            exit_states.append(hidden)  # (B, 1, D)
+            hidden = forward(tok, base + i, top + i + 1, 0, exit_layer, False)  # (B, 1, D)
+            exit_states.append(hidden)
             if i < k:
                 if fast:
                     tok = m.draft_argmax(hidden)  # (B, 1)
@@ -217,15 +220,24 @@ class SpecDecodeRunner:
                 if i == k - 1:
                     clock.mark()
         positions = base + torch.arange(k + 1, device=dev)  # (B, k+1)
-        batch = m.attention_batch(tables, positions, top + k + 1)
-        hidden = m.forward_layers(torch.cat(exit_states, 1), exit_layer, m.num_layers,
-                                  self.cache, batch)  # (B, k+1, D)
-        out = self._finish(m.logits(hidden), torch.cat(drafts, 1),
+        logits = forward(torch.cat(exit_states, 1), positions, top + k + 1, exit_layer, L,
+                         True)  # (B, k+1, V)
+        out = self._finish(logits, torch.cat(drafts, 1),
                            torch.cat(draft_scores, 1) if draft_scores else None,
                            None if fast else sb, num_speculations, num_logprobs, clock)
         draft, verify = clock.intervals()
         self.last_timing = (draft / k, verify)
         return out
+
+    def _forward(self, block_tables: list[list[int]], top: int, exit_layer: int, k: int):
+        """The round's forward calls: through :attr:`graphs` (padded to buckets, replayed) when
+        the round fits its buckets and, drafting, its exit layer is the captured one; else
+        eager (:class:`engine.cuda_graphs.EagerForward`)."""
+        g = self.graphs
+        if g is not None and g.fits(len(block_tables), top + k + 1, k + 1) and (
+                not k or not g.graphs or exit_layer == g.exit_layer):
+            return g.begin_round(block_tables, top + k + 1)
+        return EagerForward(self.model, self.cache, self._tables(block_tables))
 
     def _tables(self, block_tables: list[list[int]]) -> BlockTables:
         return BlockTables.build(block_tables, self.cache.block_size, self.device)

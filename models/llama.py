@@ -201,7 +201,7 @@ class LlamaModel:
         return full.index_copy_(-1, self.draft_ids, logits)  # (B, T, V)
 
     def attention_batch(self, tables: BlockTables, positions: torch.Tensor,
-                        num_keys: int) -> AttentionBatch:
+                        num_keys: int, padded: bool = False) -> AttentionBatch:
         """Build the per-call geometry for tokens at ``positions`` ``(B, T)`` of the rows of
         ``tables``.
 
@@ -209,11 +209,15 @@ class LlamaModel:
         so that building the batch never waits for the device. Keys at positions up to each
         query's own position are visible (causal within the new tokens, everything before them);
         stale keys past a rolled-back length, and padding blocks, are masked.
+
+        ``padded``: ``num_keys`` is a bucket at least that large (a CUDA graph's static key
+        length), so the mask is built even for one token of one sequence. Only device ops on
+        ``tables.table`` and ``positions`` run here, so a CUDA graph can capture it.
         """
         B, T = positions.shape
         bs = tables.block_size
         mask = None  # one token of one sequence sees all num_keys keys: no mask, a faster kernel
-        if B > 1 or T > 1:
+        if B > 1 or T > 1 or padded:
             key_pos = torch.arange(num_keys, device=positions.device)  # (S,)
             mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
         slot_mapping = tables.table.gather(1, positions // bs) * bs + positions % bs  # (B, T)

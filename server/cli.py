@@ -96,6 +96,8 @@ FLAGS = (
      "of the device's memory for weights and KV cache"),
     ("enable-prefix-caching", "bool", True, "reuse the KV blocks of prompt prefixes already "
      "computed (system prompts, few-shot headers) across requests"),
+    ("enforce-eager", "bool", False, "never use CUDA graphs: run every decode step, draft step "
+     "and verify call eagerly (vLLM's flag; on the CPU graphs are always off)"),
     ("max-waiting-requests", int, 1024, "most sequences (prompts x n) waiting beyond the "
      "max-num-seqs running ones; past it requests get 503 + Retry-After; 0 turns the bound off"),
     ("seed", int, 0, "random seed"),
@@ -209,6 +211,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
+        enforce_eager=args.enforce_eager,
     )
 
 

@@ -60,3 +60,25 @@ def test_prefix_cache_benchmark_serves_the_shared_prefix_from_the_cache(tmp_path
     assert share[("plain", "uncached")] == share[("spec", "uncached")] == 0
     assert share[("plain", "cached")] > 0.9 and share[("spec", "cached")] > 0.9
     assert (tmp_path / "prefix-cache.png").exists()
+
+
+def test_the_gpu_check_dry_run_on_the_cpu(tmp_path):
+    """``bench/gpu_check.py --device cpu --quick``: the CUDA tests (all skipped here), the
+    speedup pairs eager and "graphed" (eager on the CPU) with equal greedy outputs, and the
+    roofline run on tiny stand-ins through the graph runner's padded path, into one JSON."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu",
+                           "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-check-cpu-quick.json").read_text())
+    assert report["cuda_tests"]["returncode"] == 0
+    assert {(r["batch_size"], r["enforce_eager"]) for r in report["speedup"]} == {
+        (1, True), (1, False), (2, True), (2, False)}
+    assert all(r["greedy_mismatches"] == 0 for r in report["speedup"])
+    assert [r["model"] for r in report["roofline"]] == ["llama-3.2-1b", "llama-2-7b"]
+    for r in report["roofline"]:
+        assert r["exit_layer"] == r["num_layers"] // 4
+        for mode in ("eager", "graphed"):
+            assert r[mode]["plain_tokens_per_second"] > 0 and r[mode]["draft_step_ms"] > 0
+            assert set(r[mode]["ideal"]) == {str(a) for a in report["acceptance_rates"]}
+    assert "ideal speedup" in proc.stdout
