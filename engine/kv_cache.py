@@ -137,8 +137,12 @@ class BlockManager:
         self.block_hash[block] = None
         return block
 
-    def grow(self, block_table: list[int], num_tokens: int) -> bool:
+    def grow(self, block_table: list[int], num_tokens: int, expected_tokens: int = 0) -> bool:
         """Extend ``block_table`` in place to hold ``num_tokens`` positions.
+
+        An empty table starts where :meth:`_run_start` finds room for ``expected_tokens``
+        positions (the sequence's likely final length), so that it can grow in consecutive
+        blocks; every later block is the one after the table's last when that is free.
 
         Returns: False, with ``block_table`` unchanged, when too few blocks are free.
         """
@@ -148,8 +152,34 @@ class BlockManager:
         if need > self.num_free_blocks:
             return False
         for _ in range(need):
-            block_table.append(self._take(block_table[-1] + 1 if block_table else None))
+            prefer = block_table[-1] + 1 if block_table else self._run_start(
+                blocks_for(max(num_tokens, expected_tokens), self.block_size))
+            block_table.append(self._take(prefer))
         return True
+
+    RUN_SEARCH_MAX_BLOCKS = 1 << 14
+    """Pools larger than this skip :meth:`_run_start`'s linear scan (blocks)."""
+
+    def _run_start(self, length: int) -> int | None:
+        """The first block of a run of ``length`` consecutive free blocks: the first such run
+        of uncached blocks, else of any free blocks, else the longest uncached run (None on
+        pools past :data:`RUN_SEARCH_MAX_BLOCKS`). One sequence's consecutive blocks are read
+        as a view of the pool instead of gathered (``models.llama.BlockTables.first_block``)."""
+        if self.num_blocks > self.RUN_SEARCH_MAX_BLOCKS:
+            return None
+        best, best_len = None, 0
+        for allowed in (self._free, None):
+            start, run = None, 0
+            for block in range(self.num_blocks):
+                if block in self._free or (allowed is None and block in self._free_cached):
+                    start, run = (block if run == 0 else start), run + 1
+                    if run >= length:
+                        return start
+                    if allowed is not None and run > best_len:
+                        best, best_len = start, run
+                else:
+                    run = 0
+        return best
 
     def shrink(self, block_table: list[int], num_tokens: int) -> None:
         """Give back the blocks of ``block_table`` past the first ``num_tokens`` positions (a

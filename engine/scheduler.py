@@ -242,7 +242,10 @@ class Scheduler:
                 seq.num_cached_tokens = seq.num_computed_tokens
         left = seq.num_prefill_tokens - seq.num_computed_tokens
         n = left if whole else min(left, budget, self._room(seq))
-        if n > 0 and self.blocks.grow(seq.block_table, seq.num_computed_tokens + n):
+        # The sequence's likely final length, so that its blocks can be one consecutive run.
+        final = len(seq.token_ids) + seq.request.max_tokens - seq.num_output_tokens \
+            + self.lookahead(seq) + 1
+        if n > 0 and self.blocks.grow(seq.block_table, seq.num_computed_tokens + n, final):
             return n
         self.blocks.free(seq.block_table)
         seq.num_computed_tokens = seq.num_hashed_blocks = 0

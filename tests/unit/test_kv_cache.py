@@ -89,8 +89,8 @@ def test_prefix_cache_shares_full_blocks_and_evicts_the_least_recently_freed():
     blocks.free(c)
     # Taking every block hands out the uncached ones first, then evicts the cached ones.
     d = []
-    assert blocks.grow(d, 8) and sorted(d) == [0, 1, 2, 3]
-    assert set(d[:2]) == {2, 3}
+    assert blocks.grow(d, 4) and d == [2, 3]  # a run of two uncached blocks
+    assert blocks.grow(d, 8) and sorted(d) == [0, 1, 2, 3]  # then the cached ones go
     assert blocks.lookup(tokens, 4) == []  # evicted
     blocks.free(d)
     blocks.reset_prefix_cache()
@@ -122,3 +122,14 @@ def test_after_a_prefix_hit_the_next_block_keeps_the_table_consecutive():
     blocks.grow(again, 6)
     assert again == [0, 1, 2]
     assert blocks.lookup(tokens + [7, 8], 7) == [0, 1]  # block 2's old hash is gone
+
+
+def test_a_new_table_starts_where_its_expected_length_fits_in_consecutive_blocks():
+    blocks = BlockManager(num_blocks=10, block_size=2)
+    a, b, c = [], [], []
+    blocks.grow(a, 6)  # 0, 1, 2
+    blocks.grow(b, 2)  # 3
+    blocks.free(a)  # free: 4..9, then 2, 1, 0
+    # Expected to reach 10 positions (5 blocks): the run 4..8, not block 0 (3 long).
+    assert blocks.grow(c, 2, expected_tokens=10) and c == [4]
+    assert blocks.grow(c, 10) and c == [4, 5, 6, 7, 8]
