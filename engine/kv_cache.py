@@ -112,16 +112,13 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def _take(self, prefer: int | None) -> int:
-        """One free block: ``prefer`` when it is free, cached or not (so a sequence's blocks stay
-        consecutive, which lets batch-1 attention read them as a view; after a prefix-cache hit
-        the next block is often the cached tail of the same prompt), else the oldest uncached
-        one, else the least recently freed cached one (eviction: its hash is dropped)."""
+        """One free block: ``prefer`` when it is free and uncached (so a sequence's blocks stay
+        consecutive, which lets batch-1 attention read them as a view; a cached block is never
+        evicted for that), else the oldest uncached one, else the least recently freed cached
+        one (eviction: its hash is dropped)."""
         if prefer is not None and prefer in self._free:
             del self._free[prefer]
             block = prefer
-        elif prefer is not None and prefer in self._free_cached:
-            del self._free_cached[prefer]
-            block = self._evict(prefer)
         elif self._free:
             block, _ = self._free.popitem(last=False)
         else:
@@ -161,24 +158,23 @@ class BlockManager:
     """Pools larger than this skip :meth:`_run_start`'s linear scan (blocks)."""
 
     def _run_start(self, length: int) -> int | None:
-        """The first block of a run of ``length`` consecutive free blocks: the first such run
-        of uncached blocks, else of any free blocks, else the longest uncached run (None on
-        pools past :data:`RUN_SEARCH_MAX_BLOCKS`). One sequence's consecutive blocks are read
-        as a view of the pool instead of gathered (``models.llama.BlockTables.first_block``)."""
+        """The first block of the first run of ``length`` consecutive free uncached blocks, else
+        of the longest such run (None on pools past :data:`RUN_SEARCH_MAX_BLOCKS`). Cached
+        blocks are never evicted for it: the prefix cache is worth more than a view. One
+        sequence's consecutive blocks are read as a view of the pool instead of gathered
+        (``models.llama.BlockTables.first_block``)."""
         if self.num_blocks > self.RUN_SEARCH_MAX_BLOCKS:
             return None
-        best, best_len = None, 0
-        for allowed in (self._free, None):
-            start, run = None, 0
-            for block in range(self.num_blocks):
-                if block in self._free or (allowed is None and block in self._free_cached):
-                    start, run = (block if run == 0 else start), run + 1
-                    if run >= length:
-                        return start
-                    if allowed is not None and run > best_len:
-                        best, best_len = start, run
-                else:
-                    run = 0
+        best, best_len, start, run = None, 0, None, 0
+        for block in range(self.num_blocks):
+            if block in self._free:
+                start, run = (block if run == 0 else start), run + 1
+                if run >= length:
+                    return start
+                if run > best_len:
+                    best, best_len = start, run
+            else:
+                run = 0
         return best
 
     def shrink(self, block_table: list[int], num_tokens: int) -> None:
