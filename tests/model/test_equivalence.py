@@ -88,9 +88,9 @@ def test_reused_blocks_and_queued_requests_match_plain_decoding(setup, make_core
         batch_sizes.append(len(block_tables))
         return real_round(block_tables, *args)
 
-    def spy_grow(table, num_tokens):
+    def spy_grow(table, num_tokens, expected_tokens=0):
         before = len(table)
-        grown = real_grow(table, num_tokens)
+        grown = real_grow(table, num_tokens, expected_tokens)
         taken.extend(table[before:])
         return grown
 
