@@ -161,3 +161,26 @@ def test_partial_top_k_and_top_p_equal_a_full_sort(scale, in_candidates):
     truncating = [0, 2, 3, 4]  # the top_p = 1.0 row keeps every token (the sorted cumsum can
     assert torch.equal(alone[truncating], ref[truncating])  # pass 1.0 by a rounding error)
     assert not alone[1].any()
+
+
+def test_inverse_transform_samples_follow_the_weights_and_never_draw_a_masked_token():
+    """``sample_categorical`` on unnormalised log-weights with a masked (``-inf``) token, a
+    masked last token and a near-zero one: the frequencies follow the weights (chi-square over
+    60 000 rows) and a masked token is never drawn."""
+    from engine.sampler import sample_categorical
+
+    weights = torch.tensor([3.0, 0.0, 1.0, 2.0, 1e-3, 0.0])
+    gen = torch.Generator().manual_seed(7)
+    drawn = sample_categorical(weights.log().expand(60_000, 6), gen)
+    assert drawn.shape == (60_000,)
+    counts = Counter(drawn.tolist())
+    assert counts[1] == counts[5] == 0
+    live = [0, 2, 3, 4]
+    p = (weights / weights.sum())[live]
+
+    def on_live(c: Counter) -> Counter:
+        return Counter({j: c[i] for j, i in enumerate(live)})
+
+    assert _chi_square_p(on_live(counts), p, 60_000) > 1e-4
+    cool = sample_categorical((weights ** 2).log().expand(60_000, 6), gen)  # power: p² differs
+    assert _chi_square_p(on_live(Counter(cool.tolist())), p, 60_000) < 1e-4
