@@ -20,7 +20,7 @@ first few bodies), transport errors, greedy mismatches, tokens, requests/s, and 
 memory (RSS, MiB) of the server and its engine process at the start and the end (only when it
 started the server, or ``--pid`` names it), and the server's running/waiting gauges once idle.
 
-    python bench/soak.py --duration 60                       # the test suite's run
+    python bench/soak.py --duration 30                       # the test suite's run
     nice -n 19 python bench/soak.py --concurrency 4 --duration 1800 --out bench/results/soak.json
 
 Needs ``pip install -e '.[bench]'`` (httpx) and psutil (in the test extra).

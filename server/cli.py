@@ -196,7 +196,7 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> ar
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The :class:`EngineConfig` the flags describe."""
-    from models.loader import BUNDLED_MODEL
+    from models import BUNDLED_MODEL  # not models.loader: that imports torch
 
     return EngineConfig(
         model=args.model or str(BUNDLED_MODEL), served_model_name=args.served_model_name,

@@ -37,9 +37,15 @@ def _stream(url: str, max_tokens: int, events: list, first: threading.Event | No
                     first.set()
 
 
+def _maps_torch(pid: int) -> bool:
+    return any("libtorch" in m.path for m in psutil.Process(pid).memory_maps())
+
+
 def test_engine_killed_mid_stream_errors_the_stream_and_the_server_exits_nonzero(tmp_path):
+    """Also: the API process never loads torch (docs/ARCHITECTURE.md §1); the engine does."""
     with serve_process(tmp_path / "log.txt") as (url, proc):
         engine = _engine_pid(proc)
+        assert _maps_torch(engine) and not _maps_torch(proc.pid)
         events, first = [], threading.Event()
         t = threading.Thread(target=_stream, args=(url, 400, events, first))
         t.start()
