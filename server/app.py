@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from server import package_version
 from server.auth import APIKeyAuth
+from server.body_scan import BodyScanner
 from server.errors import install_error_handlers
 from server.limits import BodySizeLimit
 from server.openapi import install_openapi
@@ -27,7 +28,8 @@ def build_app(engine, metrics, max_request_body_bytes: int = DEFAULT_MAX_REQUEST
     """Build the app around an engine client (``engine.client.MPEngineClient`` or
     ``AsyncEngine``) and its ``engine.metrics.EngineMetrics``.
 
-    The engine client starts with the app's lifespan and stops with it. ``app.state.draining``
+    The engine client and the worker process that parses large bodies
+    (:class:`server.body_scan.BodyScanner`) start with the app's lifespan and stop with it. ``app.state.draining``
     turns true when shutdown begins; new completions then get 503 and ``/health`` says so.
 
     Args:
@@ -37,17 +39,22 @@ def build_app(engine, metrics, max_request_body_bytes: int = DEFAULT_MAX_REQUEST
         protect_metrics: with API keys, ``/metrics`` needs one too.
     """
 
+    scanner = BodyScanner()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        scanner.start()
         engine.start()
         try:
             yield
         finally:
             engine.shutdown()
+            scanner.shutdown()
 
     app = FastAPI(title="LayerSkip self-speculative inference server", version=package_version(),
                   description=DESCRIPTION, lifespan=lifespan)
     app.state.engine = engine
+    app.state.body_scanner = scanner
     app.state.metrics = metrics
     app.state.draining = False
     install_error_handlers(app)

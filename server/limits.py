@@ -2,19 +2,14 @@
 
 - A body over ``max_bytes`` gets 413: a declared ``Content-Length`` before any of the body is
   read, a chunked body the moment it passes the limit.
-- A completions or chat body over :data:`LARGE_BODY_BYTES` is parsed in a worker thread first
-  (``json.loads`` of 10 MB holds the event loop for ~100 ms, which would stall ``/health``; even
-  in a thread it holds the GIL that long, so the parse is orjson's, ~4x faster); a prompt whose
-  text cannot fit in ``max_model_len`` tokens is answered 400 from there, anything else goes on
-  to the app unchanged.
+- A completions or chat body over :data:`LARGE_BODY_BYTES` is parsed first in a worker process
+  (:class:`server.body_scan.BodyScanner`: ``json.loads`` of 10 MB holds the event loop for ~100
+  ms, which would stall ``/health``; even in a thread a parse holds the GIL 20-45 ms); a prompt
+  whose text cannot fit in ``max_model_len`` tokens is answered 400 from there, anything else
+  goes on to the app unchanged.
 """
 
 from __future__ import annotations
-
-import asyncio
-import json
-
-import orjson
 
 from server.errors import APIError, ErrorJSONResponse, error_body
 
@@ -78,9 +73,14 @@ class BodySizeLimit:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        engine = scope["app"].state.engine
+        state = scope["app"].state
         try:
-            await asyncio.to_thread(_check_prompt_text, body, scope["path"], engine)
+            chars = await state.body_scanner.prompt_chars(body, scope["path"])
+            if chars is not None:
+                from server.requests import check_text_length
+
+                check_text_length(chars, state.engine,
+                                  "prompt" if scope["path"] == "/v1/completions" else "messages")
         except APIError as exc:
             response = ErrorJSONResponse(error_body(exc.message, exc.type, exc.param), exc.status)
             return await response(scope, receive, send)
@@ -125,34 +125,3 @@ class BodySizeLimit:
                        "(--max-request-body-bytes)", "invalid_request_error", code=413), 413,
             headers={"Connection": "close"})
         await response(scope, receive, send)
-
-
-def _check_prompt_text(body: bytes, path: str, engine) -> None:
-    """Raise the 400 of ``server.requests.check_text_length`` for a body whose prompt text
-    cannot fit; anything unparsable is left for the app to refuse in its own words."""
-    from server.requests import check_text_length
-
-    try:
-        data = orjson.loads(body)  # holds the GIL ~20 ms for 10 MB, json.loads ~80 ms
-    except orjson.JSONDecodeError:
-        try:  # orjson is stricter (lone surrogates, for one): the app decides on those
-            data = json.loads(body)
-        except ValueError:
-            return
-    if not isinstance(data, dict):
-        return
-    if path == "/v1/completions":
-        check_text_length(_chars(data.get("prompt")), engine, "prompt")
-    else:
-        check_text_length(_chars(data.get("messages")), engine, "messages")
-
-
-def _chars(value) -> int:
-    """Characters of text anywhere in a prompt or message list (token ids count nothing)."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_chars(v) for v in value)
-    if isinstance(value, dict):
-        return _chars(value.get("content")) + _chars(value.get("text"))
-    return 0

@@ -20,9 +20,15 @@ MODEL = "layerskip-stdlib"
 
 
 def _engine_pid(proc) -> int:
-    names = [c for c in psutil.Process(proc.pid).children() if "resource_tracker" not in " ".join(c.cmdline())]
-    assert len(names) == 1, names
-    return names[0].pid
+    """The engine process: the server's one child that loads torch (the others are
+    multiprocessing's resource tracker and the body-scan worker)."""
+    engines = [c for c in psutil.Process(proc.pid).children() if _maps_torch(c.pid)]
+    assert len(engines) == 1, engines
+    return engines[0].pid
+
+
+def _maps_torch(pid: int) -> bool:
+    return any("libtorch" in m.path for m in psutil.Process(pid).memory_maps())
 
 
 def _stream(url: str, max_tokens: int, events: list, first: threading.Event | None = None,
@@ -35,10 +41,6 @@ def _stream(url: str, max_tokens: int, events: list, first: threading.Event | No
                 events.append(line[6:])
                 if first is not None:
                     first.set()
-
-
-def _maps_torch(pid: int) -> bool:
-    return any("libtorch" in m.path for m in psutil.Process(pid).memory_maps())
 
 
 def test_engine_killed_mid_stream_errors_the_stream_and_the_server_exits_nonzero(tmp_path):
