@@ -238,7 +238,7 @@ def sample_tokens(scores: torch.Tensor, sb: SamplingBatch, start: int,
     free = [b for b in rows if sb.params[b].seed is None]
     seeded = [b for b in rows if sb.params[b].seed is not None]
     tokens = scores.argmax(-1) if len(free) < B else None  # (B, T)
-    if seeded:
+    if seeded and T:
         noise = torch.stack([torch.stack([_gumbel(sb.keys[b], sb.positions[b] + start + t, V,
                                                   scores.device) for t in range(T)])
                              for b in seeded])  # (S, T, V)

@@ -1,4 +1,4 @@
-"""Counting a large body's prompt characters in a worker process, so the API process's GIL stays free.
+"""A large body's prompt characters, counted in a worker process so the API process's GIL stays free.
 
 Parsing a 10 MB JSON body holds the GIL for ~20-45 ms even with orjson and even in a thread, and
 the event loop (``/health``, ``/metrics``, every stream) waits that long. :class:`BodyScanner`

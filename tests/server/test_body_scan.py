@@ -30,7 +30,8 @@ def test_the_worker_counts_in_its_own_process_and_a_killed_worker_falls_back_to_
         body = json.dumps({"prompt": "x" * 3_000_000}).encode()
         try:
             assert await scanner.prompt_chars(body, "/v1/completions") == 3_000_000
-            workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+            workers = [p for p in psutil.Process().children()
+                       if "spawn_main" in " ".join(p.cmdline())]
             assert len(workers) == 1
             os.kill(workers[0].pid, signal.SIGKILL)
             workers[0].wait(10)

@@ -282,9 +282,9 @@ def test_sigterm_drains_8_streams_and_refuses_new_work(tmp_path):
 
 
 def test_sigterm_past_the_grace_time_gives_waiting_requests_a_503_body(tmp_path):
-    """8 streams fill the batch (``--max-num-seqs 8``), 2 non-streamed requests wait behind them; past the grace time
-    every stream ends with an error event and [DONE], each waiting request gets a 503 body in
-    the OpenAI error shape, and the process exits 0."""
+    """8 streams fill the batch (``--max-num-seqs 8``), 2 non-streamed requests wait behind
+    them; past the grace time every stream ends with an error event and [DONE], each waiting
+    request gets a 503 body in the OpenAI error shape, and the process exits 0."""
     with serve_process(tmp_path / "log.txt", "--timeout-graceful-shutdown", "1",
                        "--max-num-seqs", "8") as (url, proc):
         streams = [[] for _ in range(8)]
