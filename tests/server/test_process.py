@@ -143,9 +143,9 @@ def test_a_10_mb_prompt_is_refused_fast_while_health_keeps_answering(tmp_path):
     print(f"10 MB prompt refused in {elapsed * 1000:.0f} ms; slowest /health "
           f"{float(slowest) * 1000:.1f} ms over {probes} probes")
     assert elapsed < 1.0, f"the 10 MB prompt took {elapsed:.2f} s"
-    # The aim is 100 ms; on this 2-core machine, with the prober, this test's client and
-    # the server sharing the cores, the cold first 10 MB body measured up to 111 ms.
-    assert float(slowest) < 0.25
+    # The body is parsed in the body-scan worker process, so the API process's GIL stays free:
+    # 8-16 ms here over five runs (up to 126 ms when the parse ran in a thread).
+    assert float(slowest) < 0.1
 
 
 def test_a_100_mb_body_gets_413_before_it_is_read(tmp_path):
