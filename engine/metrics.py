@@ -1,6 +1,6 @@
 """Prometheus metrics: the only module that imports ``prometheus_client``.
 
-The engine hands plain per-step counters (:class:`engine.loop.StepStats`) to
+The engine hands plain per-step counters (:class:`engine.stats.StepStats`) to
 :meth:`EngineMetrics.observe_step`. Names follow vLLM's with our ``layerskip_`` prefix. Derived
 figures are best computed in PromQL from the raw counters:
 
@@ -161,7 +161,7 @@ class EngineMetrics:
                              buckets=ITL_BUCKETS, registry=r).labels(model_name)
 
     def observe_step(self, stats, now: float | None = None) -> None:
-        """Add one engine step's counters (an ``engine.loop.StepStats``)."""
+        """Add one engine step's counters (an ``engine.stats.StepStats``)."""
         now = time.monotonic() if now is None else now
         self.num_drafts.inc(stats.num_drafts)
         self.num_draft_tokens.inc(stats.num_draft_tokens)

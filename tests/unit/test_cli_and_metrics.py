@@ -1,6 +1,6 @@
 """Flag parsing with environment fallbacks, and the metrics arithmetic."""
 
-from engine.loop import FinishedStats, StepStats
+from engine.stats import FinishedStats, StepStats
 from engine.metrics import EngineMetrics, build_1_2_5_buckets
 from server.cli import engine_config, parse_args
 
