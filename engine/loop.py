@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
