@@ -220,7 +220,10 @@ class LlamaModel:
         if B > 1 or T > 1 or padded:
             key_pos = torch.arange(num_keys, device=positions.device)  # (S,)
             mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
-        slot_mapping = tables.table.gather(1, positions // bs) * bs + positions % bs  # (B, T)
+        if tables.first_block is not None:  # consecutive blocks: one op, not five
+            slot_mapping = positions + tables.first_block * bs  # (1, T)
+        else:
+            slot_mapping = tables.table.gather(1, positions // bs) * bs + positions % bs  # (B, T)
         return AttentionBatch(
             slot_mapping=slot_mapping, positions=positions,
             cos=self.rope_cos[positions][:, :, None], sin=self.rope_sin[positions][:, :, None],
@@ -278,8 +281,9 @@ class LlamaModel:
         qkv = (x @ w["qkv"]).view(B, T, H + 2 * KV, hd)  # (B, T, H+2KV, hd)
         qk = _rope(qkv[:, :, :H + KV], batch.cos, batch.sin)  # (B, T, H+KV, hd)
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
+        flat = getattr(cache, "flat", None)
         k_all, v_all = _cache_update(cache.k[i], cache.v[i], qk[:, :, H:], qkv[:, :, H + KV:],
-                                     batch)  # (B, KV, S, hd) each
+                                     batch, flat[i] if flat else None)  # (B, KV, S, hd) each
         if batch.pad_index is None:
             attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=batch.mask,
                                                   enable_gqa=H != KV)  # (B, H, T, hd)
@@ -319,18 +323,26 @@ def _gather_index(tables: BlockTables, num_keys: int) -> torch.Tensor | None:
 
 
 def _cache_update(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch: AttentionBatch, flat: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write ``(B, T, KV, hd)`` keys/values at the batch's ``slot_mapping``; read every row's
     first ``S`` positions as ``(B, KV, S, hd)`` (a view of the pool for one sequence with
-    consecutive blocks, else one block-granular ``index_select`` per tensor)."""
+    consecutive blocks, else one block-granular ``index_select`` per tensor).
+
+    ``flat``: the two pools viewed as ``(num_blocks · block_size, KV, hd)``, made once by the
+    cache (``engine.kv_cache.KVCache.flat``), which saves two view ops per layer and call; each
+    op costs a microsecond or two on the CPU, where a batch-1 layer is only ~20 ops."""
     _, bs, KV, hd = k_cache.shape
-    k_flat, v_flat = k_cache.view(-1, KV, hd), v_cache.view(-1, KV, hd)
-    k_flat[batch.slot_mapping] = k
-    v_flat[batch.slot_mapping] = v
+    k_flat, v_flat = flat or (k_cache.view(-1, KV, hd), v_cache.view(-1, KV, hd))
+    k_flat.index_put_((batch.slot_mapping,), k)
+    v_flat.index_put_((batch.slot_mapping,), v)
     S = batch.num_keys
     if batch.first_block is not None:
-        lo = batch.first_block * bs
-        return k_flat[lo:lo + S][None].transpose(1, 2), v_flat[lo:lo + S][None].transpose(1, 2)
+        # One op for the view ``flat[lo:lo + S][None].transpose(1, 2)`` (three).
+        size, stride = (1, KV, S, hd), (S * KV * hd, hd, KV * hd, 1)
+        lo = batch.first_block * bs * KV * hd
+        return (k_cache.as_strided(size, stride, k_cache.storage_offset() + lo),
+                v_cache.as_strided(size, stride, v_cache.storage_offset() + lo))
     index = batch.gather_index
     B = index.numel() // -(-S // bs)  # rows: the index holds nb = ceil(S / bs) blocks per row
 
