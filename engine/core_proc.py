@@ -5,9 +5,13 @@ The API process (``engine.client.MPEngineClient``) starts :func:`run_engine_core
 
 - API → engine: ``("add", EngineRequest)``, ``("abort", request_id)``, ``("stop", None)``.
 - engine → API: first ``("ready", EngineInfo)`` or ``("failed", message)``; then one
-  ``("step", deliveries, [StepStats, ...])`` message per step (or per inbox batch that finished
-  something), where ``deliveries`` is a list of ``(request_id, RequestOutput | WireError)``: every
-  output of the step in one message, never one message per request per token.
+  ``("step", deliveries, [StepStats, ...])`` message per step that has outputs to hand over (or
+  per inbox batch that finished something), where ``deliveries`` is a list of ``(request_id,
+  RequestOutput | WireError)``: every output of the step in one message, never one message per
+  request per token. A ``FINAL_ONLY`` request's outputs (a non-streamed response) are held back
+  and go out together with its last one; steps with nothing to hand over send their statistics
+  at most every :data:`STATS_INTERVAL` seconds, so a batch of non-streamed requests costs one
+  message per finished request, not one per step.
 
 The engine process never waits for the API process's GIL: it blocks on the pipe only while it has
 no work, and otherwise polls it (a few microseconds) once per step. It dies with its parent: the
@@ -27,6 +31,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
@@ -73,19 +78,25 @@ class EngineLoop:
     def __init__(self, core):
         self.core = core
         self.added: set[str] = set()  # in the core and not yet finished
+        self.held: dict[str, list] = {}  # FINAL_ONLY requests' outputs so far
 
     def add(self, request) -> list:
         """Queue ``request`` (an ``EngineRequest``); a refusal is delivered as a ``WireError``."""
+        from engine.request import RequestOutputKind
+
         try:
             self.core.add_request(request)
         except Exception as exc:  # InvalidRequestError, or anything unexpected
             return [(request.request_id, WireError.of(exc))]
         self.added.add(request.request_id)
+        if request.output_kind is RequestOutputKind.FINAL_ONLY:
+            self.held[request.request_id] = []
         return []
 
     def abort(self, request_id: str):
         """Abort a live request (its caller has gone); returns the queue stats when it was live."""
         self.added.discard(request_id)
+        self.held.pop(request_id, None)
         if self.core.abort_request(request_id) is not None:
             return self.core.queue_stats()
         return None
@@ -107,7 +118,23 @@ class EngineLoop:
         for request_id, item in deliveries:
             if isinstance(item, WireError) or item.finished:
                 self.added.discard(request_id)
-        return deliveries, stats
+        return self._hold(deliveries), stats
+
+    def _hold(self, deliveries: list) -> list:
+        """Keep back a ``FINAL_ONLY`` request's outputs until its last one (or its error), then
+        deliver them all, in order; other requests' outputs pass through."""
+        out = []
+        for request_id, item in deliveries:
+            held = self.held.get(request_id)
+            if held is None:
+                out.append((request_id, item))
+            elif isinstance(item, WireError) or item.finished:
+                del self.held[request_id]
+                out.extend((request_id, h) for h in held)
+                out.append((request_id, item))
+            else:
+                held.append(item)
+        return out
 
     def fail_everything(self, message: str) -> list:
         """Last resort after an error outside a step: finish every live sequence (so the loop
@@ -118,6 +145,7 @@ class EngineLoop:
             logger.exception("could not fail the live requests")
         deliveries = [(r, WireError("error", message)) for r in self.added]
         self.added.clear()
+        self.held.clear()
         return deliveries
 
 
@@ -170,10 +198,17 @@ def run_engine_core(config: EngineConfig, conn, cpu_threads: int, log_level: str
         pass
 
 
+STATS_INTERVAL = 0.1
+"""Seconds a step's statistics may wait for a message that carries outputs (so /metrics lags the
+engine by at most this much while only ``FINAL_ONLY`` requests run)."""
+
+
 def _serve(loop: EngineLoop, conn) -> None:
     core = loop.core
+    stats: list = []  # not yet sent
+    sent = time.monotonic()
     while True:
-        deliveries, stats = [], []
+        deliveries = []
         block = not core.has_work()
         while block or conn.poll():
             kind, payload = conn.recv()
@@ -192,5 +227,9 @@ def _serve(loop: EngineLoop, conn) -> None:
                 logger.exception("engine loop error")
                 step_deliveries = loop.fail_everything(f"internal engine error: {exc}")
             deliveries += step_deliveries
-        if deliveries or stats:
+        # Each message wakes the API process, a cost this process pays in the write: send
+        # one when there are outputs to hand over, else only every STATS_INTERVAL (or when idle).
+        now = time.monotonic()
+        if deliveries or (stats and (now - sent >= STATS_INTERVAL or not core.has_work())):
             conn.send(("step", deliveries, stats))
+            stats, sent = [], now

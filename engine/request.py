@@ -19,6 +19,18 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+class RequestOutputKind(enum.Enum):
+    """Which outputs a request's caller receives (vLLM's ``RequestOutputKind``, less CUMULATIVE).
+
+    ``DELTA``: every step's new tokens as they come (streaming). ``FINAL_ONLY``: the same deltas,
+    but all handed over at once when the request finishes (a non-streamed response needs nothing
+    sooner), so the engine process sends one message per request instead of one per step.
+    """
+
+    DELTA = "delta"
+    FINAL_ONLY = "final_only"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens, and when to stop (OpenAI's fields, with vLLM's extras).
@@ -86,6 +98,7 @@ class EngineRequest:
         group_id: the client request this one belongs to (the prompts and ``n`` choices of one
             HTTP request share it); the scheduler admits waiting sequences round robin by group.
             None: its own ``request_id``.
+        output_kind: when its outputs are handed over (:class:`RequestOutputKind`).
     """
 
     request_id: str
@@ -97,6 +110,7 @@ class EngineRequest:
     exit_layer: int | None = None
     num_speculations: int | None = None
     group_id: str | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.DELTA
 
 
 class SequenceStatus(enum.IntEnum):

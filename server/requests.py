@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.request import EngineRequest, InvalidRequestError, SamplingParams
+from engine.request import EngineRequest, InvalidRequestError, RequestOutputKind, SamplingParams
 from server.errors import APIError
 from server.protocol import (MAX_CHOICES, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
                              ChatCompletionRequest, CompletionRequest, SamplingFields)
@@ -141,7 +141,8 @@ def _engine_requests(body: SamplingFields, engine, response_id: str, prompts: li
                 sampling=sampling_params(body, engine.default_sampling, c, logprobs,
                                          prompt_logprobs),
                 exit_layer=body.exit_layer, num_speculations=body.num_speculations,
-                group_id=response_id)
+                group_id=response_id,
+                output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)
             try:
                 engine.validate_request(request)
             except InvalidRequestError as exc:

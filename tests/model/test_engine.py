@@ -196,3 +196,35 @@ def test_the_bundled_draft_vocabulary_and_bad_settings(bundled_model, make_core,
     bad.write_text('{"counts": [1, -2]}')
     with pytest.raises(ValueError, match="counts"):
         make_core(model=bundled_model, draft_token_counts=str(bad), draft_vocab_size=10)
+
+
+def test_final_only_outputs_are_held_until_the_last_and_match_the_streamed_ones(cores):
+    """vLLM's RequestOutputKind.FINAL_ONLY (non-streamed responses): the engine loop hands a
+    request's outputs over only with its last one, in order and equal to a DELTA request's; an
+    aborted FINAL_ONLY request leaves nothing behind."""
+    from engine.core_proc import EngineLoop
+    from engine.request import RequestOutputKind
+
+    _, spec = cores
+    loop = EngineLoop(spec)
+    prompt = tuple(spec.tokenizer.encode(PROMPT))
+    loop.add(EngineRequest("delta", prompt, 20, ignore_eos=True))
+    loop.add(EngineRequest("final", prompt, 20, ignore_eos=True,
+                           output_kind=RequestOutputKind.FINAL_ONLY))
+    loop.add(EngineRequest("gone", prompt, 20, ignore_eos=True,
+                           output_kind=RequestOutputKind.FINAL_ONLY))
+    got: dict[str, list[list]] = {"delta": [], "final": [], "gone": []}
+    steps = 0
+    while spec.has_work():
+        deliveries, _ = loop.step()
+        steps += 1
+        if steps == 2:
+            loop.abort("gone")
+        for rid in got:
+            got[rid].append([item for r, item in deliveries if r == rid])
+    delta = [o for step in got["delta"] for o in step]
+    final_steps = [step for step in got["final"] if step]
+    assert steps > 2 and len(final_steps) == 1 and final_steps[0][-1].finished
+    assert [o.token_ids for o in final_steps[0]] == [o.token_ids for o in delta]
+    assert [o.text for o in final_steps[0]] == [o.text for o in delta]
+    assert not any(got["gone"]) and not loop.held and not loop.added
