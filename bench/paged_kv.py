@@ -98,8 +98,12 @@ class Worker:
         return json.loads(line)
 
     def close(self) -> None:
+        """End the worker (its stdin's end of file ends its loop); kill it if it lingers."""
         self.proc.stdin.close()
-        self.proc.wait(60)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def median_interval(ratios: list[float], rng: random.Random) -> tuple[float, float, float]:
@@ -124,8 +128,10 @@ def main(argv=None) -> None:
         base = Path(tmp) / "baseline"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base),
                         args.baseline], check=True, capture_output=True)
+        workers: dict[str, Worker] = {}
         try:
-            workers = {"baseline": Worker(base, args), "paged": Worker(ROOT, args)}
+            workers["baseline"] = Worker(base, args)
+            workers["paged"] = Worker(ROOT, args)
             flip = 0
             for r in range(args.repeats):
                 for arm, (_, batch) in ARMS.items():
@@ -135,9 +141,9 @@ def main(argv=None) -> None:
                         for name in order:
                             results[arm][name].append(workers[name].run(arm, unit))
                 print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
+        finally:
             for w in workers.values():
                 w.close()
-        finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],
                            check=False, capture_output=True)
     rng = random.Random(0)

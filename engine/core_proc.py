@@ -10,11 +10,13 @@ The API process (``engine.client.MPEngineClient``) starts :func:`run_engine_core
   RequestOutput | WireError)``: every output of the step in one message, never one message per
   request per token. A ``FINAL_ONLY`` request's outputs (a non-streamed response) are held back
   and go out together with its last one; steps with nothing to hand over send their statistics
-  at most every :data:`STATS_INTERVAL` seconds, so a batch of non-streamed requests costs one
-  message per finished request, not one per step.
+  at most every :data:`STATS_INTERVAL` seconds (and when the engine goes idle), so a batch of
+  non-streamed requests costs one message per finished request plus at most ten a second, not
+  one per step.
 
 The engine process never waits for the API process's GIL: it blocks on the pipe only while it has
-no work, and otherwise polls it (a few microseconds) once per step. It dies with its parent: the
+no work or while a message larger than the pipe's buffer is being read (a long non-streamed
+response with logprobs), and otherwise polls it (a few microseconds) once per step. It dies with its parent: the
 kernel sends it SIGKILL when the parent goes (``PR_SET_PDEATHSIG`` on Linux), and an end-of-file on
 the pipe ends its loop. It ignores SIGINT and SIGTERM (a terminal's Ctrl-C, ``timeout`` or systemd
 signal the whole process group; the API process drains first, then tells the engine to stop).
@@ -69,8 +71,9 @@ class WireError:
 class EngineLoop:
     """One engine core driven by messages: add, abort, step (transport-independent).
 
-    Each method returns the ``(request_id, RequestOutput | WireError)`` deliveries it produced;
-    the caller sends them on. An exception inside a step finishes every live request with
+    Each method returns the ``(request_id, RequestOutput | WireError)`` deliveries due now; the
+    caller sends them on. A ``FINAL_ONLY`` request's outputs are due only with its last one (or
+    its error; outputs held when everything fails are dropped, since an error ends the response). An exception inside a step finishes every live request with
     ``error`` (and tells the requests the failed step had already finished) and the loop goes on
     serving: a bug in one step never takes the engine down.
     """
@@ -200,7 +203,8 @@ def run_engine_core(config: EngineConfig, conn, cpu_threads: int, log_level: str
 
 STATS_INTERVAL = 0.1
 """Seconds a step's statistics may wait for a message that carries outputs (so /metrics lags the
-engine by at most this much while only ``FINAL_ONLY`` requests run)."""
+engine by at most this much plus one step while only ``FINAL_ONLY`` requests run; they are
+also sent whenever the engine goes idle)."""
 
 
 def _serve(loop: EngineLoop, conn) -> None:
@@ -226,6 +230,10 @@ def _serve(loop: EngineLoop, conn) -> None:
             except Exception as exc:  # never let the loop die with requests waiting on it
                 logger.exception("engine loop error")
                 step_deliveries = loop.fail_everything(f"internal engine error: {exc}")
+                try:  # the gauges: nothing is running any more
+                    stats.append(core.queue_stats())
+                except Exception:  # the core itself is broken
+                    logger.exception("could not read the queue stats")
             deliveries += step_deliveries
         # Each message wakes the API process, a cost this process pays in the write: send
         # one when there are outputs to hand over, else only every STATS_INTERVAL (or when idle).

@@ -220,6 +220,9 @@ class LlamaModel:
         if B > 1 or T > 1 or padded:
             key_pos = torch.arange(num_keys, device=positions.device)  # (S,)
             mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        if num_keys > tables.table.shape[1] * bs:  # host ints: the gather below would raise
+            raise ValueError(f"{num_keys} key positions do not fit the batch's "
+                             f"{tables.table.shape[1]} blocks of {bs}")
         if tables.first_block is not None:  # consecutive blocks: one op, not five
             slot_mapping = positions + tables.first_block * bs  # (1, T)
         else:
@@ -329,9 +332,12 @@ def _cache_update(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
     first ``S`` positions as ``(B, KV, S, hd)`` (a view of the pool for one sequence with
     consecutive blocks, else one block-granular ``index_select`` per tensor).
 
-    ``flat``: the two pools viewed as ``(num_blocks · block_size, KV, hd)``, made once by the
+    The pools must be contiguous (``engine.kv_cache.KVCache`` makes them so): the view read's
+    strides assume it.
+
+    ``flat``: the two pools viewed as ``(positions, KV, hd)``, made once by the
     cache (``engine.kv_cache.KVCache.flat``), which saves two view ops per layer and call; each
-    op costs a microsecond or two on the CPU, where a batch-1 layer is only ~20 ops."""
+    op costs a microsecond or two on the CPU, where a batch-1 layer is a few dozen ops."""
     _, bs, KV, hd = k_cache.shape
     k_flat, v_flat = flat or (k_cache.view(-1, KV, hd), v_cache.view(-1, KV, hd))
     k_flat.index_put_((batch.slot_mapping,), k)

@@ -82,3 +82,23 @@ def test_the_gpu_check_dry_run_on_the_cpu(tmp_path):
             assert r[mode]["plain_tokens_per_second"] > 0 and r[mode]["draft_step_ms"] > 0
             assert set(r[mode]["ideal"]) == {str(a) for a in report["acceptance_rates"]}
     assert "ideal speedup" in proc.stdout
+
+
+def test_the_paged_kv_benchmark_pairs_two_trees_and_prints_every_arm():
+    """``bench/paged_kv.py`` against this very revision (``--baseline HEAD``, so any clone has
+    it): both workers start, every arm gets its paired units and a ratio with its interval, and
+    the temporary worktree is gone afterwards."""
+    before = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True,
+                            text=True).stdout
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "paged_kv.py"), "--baseline",
+                           "HEAD", "--repeats", "1", "--max-tokens", "4", "--prompt-len", "32"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0] + " " + line.split()[1]: line.split()
+            for line in proc.stdout.splitlines() if line.startswith(("plain", "spec"))}
+    assert set(rows) == {"plain b=1", "spec b=1", "plain b=8"}
+    assert rows["plain b=1"][2] == "16" and rows["plain b=8"][2] == "4"  # units
+    assert all(float(r[5]) > 0 for r in rows.values())  # paged/static
+    after = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True,
+                           text=True).stdout
+    assert after == before

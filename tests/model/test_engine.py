@@ -228,3 +228,49 @@ def test_final_only_outputs_are_held_until_the_last_and_match_the_streamed_ones(
     assert [o.token_ids for o in final_steps[0]] == [o.token_ids for o in delta]
     assert [o.text for o in final_steps[0]] == [o.text for o in delta]
     assert not any(got["gone"]) and not loop.held and not loop.added
+
+
+class _FakePipe:
+    """The engine process's end of the pipe: a scripted inbox; end of file when it is empty."""
+
+    def __init__(self, inbox):
+        self.inbox, self.sent = list(inbox), []
+
+    def poll(self):
+        return bool(self.inbox)
+
+    def recv(self):
+        if not self.inbox:
+            raise EOFError
+        return self.inbox.pop(0)
+
+    def send(self, message):
+        self.sent.append(message)
+
+
+@pytest.mark.parametrize("interval", [0.0, 60.0])
+def test_the_engine_process_sends_a_final_only_request_once_and_every_step_statistic(
+        cores, monkeypatch, interval):
+    """engine.core_proc._serve: one message carries the FINAL_ONLY request's outputs (with every
+    statistic not yet sent); steps without outputs send their statistics alone only once
+    STATS_INTERVAL has passed; none is lost (their generation tokens add up to the output)."""
+    from engine import core_proc
+    from engine.request import RequestOutputKind
+
+    monkeypatch.setattr(core_proc, "STATS_INTERVAL", interval)
+    plain, _ = cores
+    prompt = tuple(plain.tokenizer.encode(PROMPT))
+    pipe = _FakePipe([("add", EngineRequest("final", prompt, 40, ignore_eos=True,
+                                            output_kind=RequestOutputKind.FINAL_ONLY))])
+    with pytest.raises(EOFError):  # idle, the loop reads the pipe again and finds it closed
+        core_proc._serve(core_proc.EngineLoop(plain), pipe)
+    with_outputs = [m for m in pipe.sent if m[1]]
+    assert len(with_outputs) == 1 and with_outputs[0] is pipe.sent[-1]
+    outs = [item for _, item in with_outputs[0][1]]
+    assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == 40
+    stats = [s for m in pipe.sent for s in m[2]]
+    assert sum(s.num_generation_tokens for s in stats) == 40
+    if interval == 0.0:  # every step's statistics at once
+        assert all(len(m[2]) == 1 for m in pipe.sent) and len(pipe.sent) == len(stats)
+    else:  # all held for the one message
+        assert len(pipe.sent) == 1 and len(stats) > 1
