@@ -16,10 +16,11 @@ The API process (``engine.client.MPEngineClient``) starts :func:`run_engine_core
 
 The engine process never waits for the API process's GIL: it blocks on the pipe only while it has
 no work or while a message larger than the pipe's buffer is being read (a long non-streamed
-response with logprobs), and otherwise polls it (a few microseconds) once per step. It dies with its parent: the
-kernel sends it SIGKILL when the parent goes (``PR_SET_PDEATHSIG`` on Linux), and an end-of-file on
-the pipe ends its loop. It ignores SIGINT and SIGTERM (a terminal's Ctrl-C, ``timeout`` or systemd
-signal the whole process group; the API process drains first, then tells the engine to stop).
+response with logprobs), and otherwise polls it (a few microseconds) once per step. It dies with
+its parent: the kernel sends it SIGKILL when the parent goes (``PR_SET_PDEATHSIG`` on Linux), and
+an end-of-file on the pipe ends its loop. It ignores SIGINT and SIGTERM (a terminal's Ctrl-C,
+``timeout`` or systemd signal the whole process group; the API process drains first, then tells
+the engine to stop).
 
 :class:`EngineLoop` holds the bookkeeping both transports share (the in-process thread of
 ``engine.client.AsyncEngine`` uses it too): which requests were added and not yet finished, and
@@ -73,9 +74,10 @@ class EngineLoop:
 
     Each method returns the ``(request_id, RequestOutput | WireError)`` deliveries due now; the
     caller sends them on. A ``FINAL_ONLY`` request's outputs are due only with its last one (or
-    its error; outputs held when everything fails are dropped, since an error ends the response). An exception inside a step finishes every live request with
-    ``error`` (and tells the requests the failed step had already finished) and the loop goes on
-    serving: a bug in one step never takes the engine down.
+    its error; outputs held when everything fails are dropped, since an error ends the
+    response). An exception inside a step finishes every live request with ``error`` (and tells
+    the requests the failed step had already finished) and the loop goes on serving: a bug in
+    one step never takes the engine down.
     """
 
     def __init__(self, core):

@@ -54,8 +54,8 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch_block: int | None = num_blocks if scratch_block else None
-        # Per layer, both pools as (positions, KV, hd) views (the scratch block's positions included),
-        # made once (models.llama._cache_update).
+        # Per layer, both pools as (positions, KV, hd) views (the scratch block's positions
+        # included), made once (models.llama._cache_update).
         self.flat = [(k.view(-1, num_kv_heads, head_dim), v.view(-1, num_kv_heads, head_dim))
                      for k, v in zip(self.k, self.v)]
 

@@ -142,7 +142,8 @@ def _engine_requests(body: SamplingFields, engine, response_id: str, prompts: li
                                          prompt_logprobs),
                 exit_layer=body.exit_layer, num_speculations=body.num_speculations,
                 group_id=response_id,
-                output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)
+                output_kind=(RequestOutputKind.DELTA if body.stream
+                             else RequestOutputKind.FINAL_ONLY))
             try:
                 engine.validate_request(request)
             except InvalidRequestError as exc:
