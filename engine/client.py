@@ -382,10 +382,17 @@ class MPEngineClient(_EngineClient):
             message = self._outbox.get()
             try:
                 self._conn.send(message)
-            except (OSError, ValueError):  # the engine is gone; its reader reports it
-                if message[0] == "stop":
-                    return
-                continue
+            except (OSError, EOFError):  # the engine is gone; its reader reports it
+                pass
+            except Exception as exc:  # this message cannot be sent (pickling): fail its request
+                logger.exception("could not send %r to the engine", message[0])
+                if message[0] == "add" and self._loop is not None:
+                    error = WireError("error", f"internal error: the request could not be "
+                                               f"sent to the engine ({type(exc).__name__})")
+                    try:
+                        self._loop.call_soon_threadsafe(self._put, message[1].request_id, error)
+                    except RuntimeError:  # the event loop has closed: nobody is listening
+                        pass
             if message[0] == "stop":
                 return
 

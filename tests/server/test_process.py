@@ -316,3 +316,35 @@ def test_sigterm_past_the_grace_time_gives_waiting_requests_a_503_body(tmp_path)
             assert status == 503 and body["error"]["type"] == "server_error"
             assert "shutting down" in body["error"]["message"]
         assert proc.wait(60) == 0
+
+
+def test_a_request_that_cannot_be_sent_fails_alone_and_the_next_one_runs():
+    """A message the sender thread cannot pickle fails its own request with an error; before, the
+    thread died on it and every later request waited forever."""
+    import asyncio
+    import dataclasses
+
+    from engine.client import MPEngineClient
+    from engine.config import EngineConfig
+    from engine.request import EngineRequest
+    from models import BUNDLED_MODEL
+
+    async def run(client):
+        client.start()
+        bad = EngineRequest("bad", (1, 2, 3), max_tokens=4)
+        object.__setattr__(bad, "group_id", threading.Lock())  # a lock does not pickle
+        with pytest.raises(RuntimeError, match="could not be sent to the engine"):
+            async for _ in client.generate(bad):
+                pass
+        good = EngineRequest("good", (1, 2, 3), max_tokens=4, ignore_eos=True)
+        return [o async for o in client.generate(good)]
+
+    client = MPEngineClient(EngineConfig(model=str(BUNDLED_MODEL)), cpu_threads=1)
+    client.load(timeout=120)
+    try:
+        outputs = asyncio.run(asyncio.wait_for(run(client), 120))
+    finally:
+        client.shutdown()
+    assert outputs[-1].finished and outputs[-1].finish_reason == "length"
+    assert sum(len(o.token_ids) for o in outputs) == 4, [dataclasses.asdict(o) for o in outputs]
+    assert not client._proc.is_alive()
