@@ -14,6 +14,12 @@ prints tokens/s, TTFT p50/p99 and inter-token latency p50/p99 (streams; one obse
 a chunk's gap split over its tokens) and the HTTP/engine ratio. Every HTTP text is checked equal to
 the engine's for the same prompt. Writes JSON under ``bench/results/`` and a PNG plot.
 
+The arms of one cell (engine, non-streamed, streamed) run back to back, in reverse order on odd
+repeats, and each starts with an empty prefix cache (``EngineCore.reset_prefix_cache()`` here,
+``POST /reset_prefix_cache`` on the server, which it starts with ``--server-dev-mode`` for that
+alone): the prompts repeat across arms and repeats, and without the reset a later arm would find
+them cached and skip their prefill.
+
 Prompts come from two sets, neither trained on nor used to choose any default:
 
 - ``test``: 128-token windows from the held-out ``test`` split of the standard library;
@@ -36,6 +42,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -47,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from bench.paged_kv import median_interval  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.request import EngineRequest  # noqa: E402
 from models import corpus  # noqa: E402
@@ -208,10 +216,10 @@ async def run_http(url: str, model: str, prompts, max_tokens: int, concurrency: 
 
 def start_server(port: int, threads: int | None, log: Path, extra: tuple[str, ...] = ()):
     """``layerskip-serve`` with its default flags (plus ``--cpu-threads`` if given, and
-    ``extra``) on ``port``."""
+    ``extra``) on ``port``, and ``--server-dev-mode`` for :func:`reset_prefix_cache`."""
     import httpx
 
-    command = [sys.executable, "-m", "server", "--port", str(port), *extra]
+    command = [sys.executable, "-m", "server", "--port", str(port), "--server-dev-mode", *extra]
     if threads:
         command += ["--cpu-threads", str(threads)]
     proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
@@ -230,6 +238,14 @@ def start_server(port: int, threads: int | None, log: Path, extra: tuple[str, ..
     raise SystemExit("layerskip-serve did not become healthy")
 
 
+def reset_prefix_cache(url: str) -> None:
+    """Empty the live server's prefix cache, so that an arm never finds the prompts an earlier
+    arm left there (every arm prefills its prompts from scratch, as unique prompts would)."""
+    import httpx
+
+    httpx.post(url + "/reset_prefix_cache", timeout=30).raise_for_status()
+
+
 def pct(values: list[float], q: float) -> float | None:
     """The ``q`` quantile (0..1) of ``values``, or None."""
     if not values:
@@ -242,9 +258,12 @@ def summarize(runs: list[Run]) -> list[dict]:
     """Medians over repeats per (set, mode, concurrency, target), with the ratios.
 
     ``vs_engine`` and ``spec_vs_plain`` are medians of *paired* ratios: each run divided by its
-    counterpart from the same repeat (the engine run just before it, or the plain run of the same
-    target), so that the machine's slow drifts between repeats cancel out of the ratio.
+    counterpart from the same repeat (the engine run next to it, or the plain run of the same
+    target), so that the machine's slow drifts between repeats cancel out of the ratio; the
+    ``..._interval`` fields are 95 % bootstrap intervals for those medians (degenerate with one
+    repeat).
     """
+    rng = random.Random(0)
     keys = sorted({(r.prompt_set, r.mode, r.concurrency, r.target) for r in runs})
     groups = {key: [r for r in runs if (r.prompt_set, r.mode, r.concurrency, r.target) == key]
               for key in keys}  # each group in repeat order
@@ -257,27 +276,32 @@ def summarize(runs: list[Run]) -> list[dict]:
         rows.append({"prompt_set": key[0], "mode": key[1], "concurrency": key[2], "target": key[3],
                      "tokens_per_second": statistics.median(r.tokens_per_second for r in group),
                      "runs_tokens_per_second": [round(r.tokens_per_second, 1) for r in group],
-                     "vs_engine": _paired(group, engine), "spec_vs_plain": _paired(group, plain),
+                     **_paired("vs_engine", group, engine, rng),
+                     **_paired("spec_vs_plain", group, plain, rng),
                      "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
                      "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99)})
     return rows
 
 
-def _paired(runs: list[Run], baseline: list[Run]) -> float:
-    """The median over repeats of ``runs[i]``'s tokens/s over ``baseline[i]``'s."""
-    return statistics.median(r.tokens_per_second / b.tokens_per_second
-                             for r, b in zip(runs, baseline, strict=True))
+def _paired(name: str, runs: list[Run], baseline: list[Run], rng: random.Random) -> dict:
+    """``{name: median, name_interval: [lo, hi]}`` over repeats of ``runs[i]``'s tokens/s over
+    ``baseline[i]``'s (a 95 % bootstrap interval for the median)."""
+    ratios = [r.tokens_per_second / b.tokens_per_second for r, b in zip(runs, baseline, strict=True)]
+    median, lo, hi = median_interval(ratios, rng)
+    return {name: median, f"{name}_interval": [lo, hi]}
 
 
 def report(rows: list[dict], header: str) -> str:
     """The table the README quotes."""
     ms = lambda v: "-" if v is None else f"{1000 * v:.1f}"  # noqa: E731
+    span = lambda r, k: f"{r[k]:.3f} [{r[k + '_interval'][0]:.2f}-{r[k + '_interval'][1]:.2f}]"  # noqa: E731
     lines = [header, f"{'set':<5} {'mode':<6} {'conc':>4} {'target':<12} {'tok/s':>8} "
-             f"{'/engine':>8} {'spec/plain':>10} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7}"
-             "   (ms)"]
+             f"{'/engine [95 %]':>18} {'spec/plain [95 %]':>18} {'TTFT p50':>9} {'p99':>7} "
+             f"{'ITL p50':>8} {'p99':>7}   (ms)"]
     for r in rows:
         lines.append(f"{r['prompt_set']:<5} {r['mode']:<6} {r['concurrency']:>4} {r['target']:<12} "
-                     f"{r['tokens_per_second']:>8.1f} {r['vs_engine']:>8.3f} {r['spec_vs_plain']:>10.3f} "
+                     f"{r['tokens_per_second']:>8.1f} {span(r, 'vs_engine'):>18} "
+                     f"{span(r, 'spec_vs_plain'):>18} "
                      f"{ms(r['ttft_p50']):>9} {ms(r['ttft_p99']):>7} {ms(r['itl_p50']):>8} "
                      f"{ms(r['itl_p99']):>7}")
     return "\n".join(lines)
@@ -321,7 +345,8 @@ def main(argv=None) -> None:
                    help="prompts per run = max(8, concurrency × this)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (medians reported)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved repeats (medians reported; default 3, 1 with --quick)")
     p.add_argument("--sets", default="test,ood", help="prompt sets to run: test, ood, shared "
                    "(a 400-token common prefix, 16-token distinct tails)")
     p.add_argument("--cpu-threads", type=int, default=None,
@@ -329,10 +354,12 @@ def main(argv=None) -> None:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--name", default="serve", help="file name stem of the JSON and PNG")
-    p.add_argument("--quick", action="store_true", help="concurrency 1,4; 4 prompts; 16 tokens; 1 repeat")
+    p.add_argument("--quick", action="store_true",
+                   help="concurrency 1,4; 4 prompts; 16 tokens; 1 repeat unless --repeats")
     args = p.parse_args(argv)
     if args.quick:
-        args.concurrency, args.max_tokens, args.repeats, args.prompts_per_client = "1,4", 16, 1, 1
+        args.concurrency, args.max_tokens, args.prompts_per_client = "1,4", 16, 1
+    args.repeats = args.repeats or (1 if args.quick else 3)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     threads = args.cpu_threads or default_cpu_threads()
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -351,30 +378,39 @@ def main(argv=None) -> None:
     mismatches = 0
     try:
         for name, prompts in sets.items():  # warm both
-            run_engine(core, prompts[:2], 8, 2, "spec", name)
-            asyncio.run(run_http(url, core.model_name, prompts[:2], 8, 2, "spec", name, True))
+            for mode in ("plain", "spec"):
+                run_engine(core, prompts[:2], 8, 2, mode, name)
+                asyncio.run(run_http(url, core.model_name, prompts[:2], 8, 2, mode, name, True))
         for repeat in range(args.repeats):
+            # Odd repeats run each cell's arms in the reverse order (ABBA), so that a drift of
+            # the machine's speed within a cell cancels out of the paired ratios.
+            order = 1 if repeat % 2 == 0 else -1
             for name, all_prompts in sets.items():
                 for c in concurrencies:
                     prompts = all_prompts[:max(4 if args.quick else 8, c * args.prompts_per_client)]
-                    for mode in ("plain", "spec"):
-                        engine = run_engine(core, prompts, args.max_tokens, c, mode, name)
-                        runs.append(engine)
-                        for stream in (False, True):
-                            http = asyncio.run(run_http(url, core.model_name, prompts,
-                                                        args.max_tokens, c, mode, name, stream))
-                            runs.append(http)
-                            mismatches += sum(http.texts[i] != engine.texts[i] for i in engine.texts)
-                        print(f"repeat {repeat + 1}/{args.repeats} {name} c={c} {mode}: engine "
-                              f"{engine.tokens_per_second:.0f} tok/s, http {runs[-2].tokens_per_second:.0f}, "
-                              f"stream {runs[-1].tokens_per_second:.0f}", flush=True)
+                    for mode in ("plain", "spec")[::order]:
+                        cell = {}
+                        for target in ("engine", "http", "http-stream")[::order]:
+                            core.reset_prefix_cache()
+                            reset_prefix_cache(url)
+                            cell[target] = (
+                                run_engine(core, prompts, args.max_tokens, c, mode, name)
+                                if target == "engine" else
+                                asyncio.run(run_http(url, core.model_name, prompts, args.max_tokens,
+                                                     c, mode, name, target == "http-stream")))
+                        runs += cell.values()
+                        mismatches += sum(cell[t].texts[i] != cell["engine"].texts[i]
+                                          for t in ("http", "http-stream") for i in cell["engine"].texts)
+                        print(f"repeat {repeat + 1}/{args.repeats} {name} c={c} {mode}: " + ", ".join(
+                            f"{t} {r.tokens_per_second:.0f} tok/s" for t, r in cell.items()), flush=True)
     finally:
         proc.terminate()
         proc.wait(60)
     rows = summarize(runs)
     header = (f"bundled model, {args.prompt_len}-token prompts, {args.max_tokens} new tokens, greedy, "
               f"EOS ignored; engine threads {threads}; medians of {args.repeats} interleaved runs (ratios: "
-              f"medians of the paired per-repeat ratios)\n"
+              f"medians of the paired per-repeat ratios, 95 % bootstrap intervals; arms in reverse "
+              f"order on odd repeats)\n"
               f"HTTP texts differing from the engine's: {mismatches}")
     text = report(rows, header)
     print(text)

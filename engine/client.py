@@ -207,6 +207,12 @@ class _EngineClient:
     def _abort(self, request_id: str) -> None:
         raise NotImplementedError
 
+    def reset_prefix_cache(self) -> None:
+        """Have the engine forget its cached prompt blocks (:meth:`EngineCore.reset_prefix_cache
+        <engine.loop.EngineCore.reset_prefix_cache>`); it does so before any request submitted
+        after this call."""
+        raise NotImplementedError
+
     def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs until the finished one. Its :meth:`reserve`
         count is released when the stream ends, or when it is collected without having run.
@@ -376,6 +382,9 @@ class MPEngineClient(_EngineClient):
     def _abort(self, request_id: str) -> None:
         self._outbox.put(("abort", request_id))
 
+    def reset_prefix_cache(self) -> None:
+        self._outbox.put(("reset_prefix_cache", None))
+
     def _send_loop(self) -> None:
         """Pickling and writing happen here, so a full pipe never blocks the event loop."""
         while True:
@@ -470,6 +479,9 @@ class AsyncEngine(_EngineClient):
     def _abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def reset_prefix_cache(self) -> None:
+        self._inbox.put(("reset_prefix_cache", None))
+
     def _deliver(self, deliveries, stats) -> None:
         self._observe(stats)
         for request_id, item in deliveries:
@@ -500,6 +512,8 @@ class AsyncEngine(_EngineClient):
                         return
                     if kind == "add":
                         deliveries += engine.add(payload)
+                    elif kind == "reset_prefix_cache":
+                        core.reset_prefix_cache()
                     else:
                         self._loops.pop(payload, None)
                         if (aborted := engine.abort(payload)) is not None:

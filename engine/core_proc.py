@@ -3,7 +3,8 @@
 The API process (``engine.client.MPEngineClient``) starts :func:`run_engine_core` with the
 ``spawn`` method and talks to it over one duplex ``multiprocessing`` pipe of pickled tuples:
 
-- API → engine: ``("add", EngineRequest)``, ``("abort", request_id)``, ``("stop", None)``.
+- API → engine: ``("add", EngineRequest)``, ``("abort", request_id)``,
+  ``("reset_prefix_cache", None)``, ``("stop", None)``.
 - engine → API: first ``("ready", EngineInfo)`` or ``("failed", message)``; then one
   ``("step", deliveries, [StepStats, ...])`` message per step that has outputs to hand over (or
   per inbox batch that finished something), where ``deliveries`` is a list of ``(request_id,
@@ -225,6 +226,8 @@ def _serve(loop: EngineLoop, conn) -> None:
                 deliveries += loop.add(payload)
             elif kind == "abort" and (aborted := loop.abort(payload)) is not None:
                 stats.append(aborted)
+            elif kind == "reset_prefix_cache":
+                core.reset_prefix_cache()
         if core.has_work():
             try:
                 step_deliveries, step_stats = loop.step()

@@ -269,6 +269,12 @@ class EngineCore:
         self._finished_outside_steps.append(_finished_stats(seq, time.monotonic()))
         return make_output(seq, [], self.detokenizers.pop(request_id), error=error)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block no running sequence holds (vLLM's
+        ``reset_prefix_cache``): later prompts are prefilled from scratch. For benchmarks that
+        repeat their prompts, so that each arm starts with the cache cold."""
+        self.scheduler.blocks.reset_prefix_cache()
+
     def is_live(self, request_id: str) -> bool:
         """Whether the request waits or runs."""
         return self.scheduler.find(request_id) is not None

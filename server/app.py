@@ -13,7 +13,7 @@ from server.body_scan import BodyScanner
 from server.errors import install_error_handlers
 from server.limits import BodySizeLimit
 from server.openapi import install_openapi
-from server.routes import router
+from server.routes import dev_router, router
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20
 """Bodies larger than this get a 413 before they are read (bytes)."""
@@ -24,7 +24,8 @@ DESCRIPTION = ("OpenAI-compatible completions and chat with batched LayerSkip se
 
 
 def build_app(engine, metrics, max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
-              api_keys: tuple[str, ...] = (), protect_metrics: bool = False) -> FastAPI:
+              api_keys: tuple[str, ...] = (), protect_metrics: bool = False,
+              server_dev_mode: bool = False) -> FastAPI:
     """Build the app around an engine client (``engine.client.MPEngineClient`` or
     ``AsyncEngine``) and its ``engine.metrics.EngineMetrics``.
 
@@ -37,6 +38,7 @@ def build_app(engine, metrics, max_request_body_bytes: int = DEFAULT_MAX_REQUEST
         api_keys: with any, ``/v1/*`` and the tokenizer endpoints need one as a bearer token
             (:mod:`server.auth`); empty strings are ignored.
         protect_metrics: with API keys, ``/metrics`` needs one too.
+        server_dev_mode: also serve the development endpoints (``POST /reset_prefix_cache``).
     """
 
     scanner = BodyScanner()
@@ -59,6 +61,8 @@ def build_app(engine, metrics, max_request_body_bytes: int = DEFAULT_MAX_REQUEST
     app.state.draining = False
     install_error_handlers(app)
     app.include_router(router)
+    if server_dev_mode:
+        app.include_router(dev_router)
     app.add_middleware(BodySizeLimit, max_bytes=max_request_body_bytes)
     keys = tuple(k for k in api_keys if k)
     if keys:  # outermost: a request without a key gets its 401 before its body is read

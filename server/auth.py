@@ -1,7 +1,7 @@
 """Bearer-token authentication, vLLM's ``--api-key``: which paths need a key, and the middleware
 that answers 401 before a request's body is read.
 
-``/v1/*``, ``/tokenize`` and ``/detokenize`` need ``Authorization: Bearer <key>`` with one of the
+``/v1/*``, ``/tokenize``, ``/detokenize`` and the development endpoints need ``Authorization: Bearer <key>`` with one of the
 configured keys; ``/health``, ``/version``, the OpenAPI document and (unless
 ``protect_metrics``) ``/metrics`` stay open, so probes and Prometheus work without the key. Keys
 are compared as SHA-256 digests with :func:`hmac.compare_digest`, against every key, so neither
@@ -16,12 +16,13 @@ import hmac
 from server.errors import ErrorJSONResponse, error_body
 
 TOKENIZER_PATHS = ("/tokenize", "/detokenize")
+DEV_PATHS = ("/reset_prefix_cache",)  # only served with --server-dev-mode
 
 
 def is_protected(path: str, protect_metrics: bool = False) -> bool:
     """Whether ``path`` needs an API key when the server has any."""
     return (path == "/v1" or path.startswith("/v1/") or path in TOKENIZER_PATHS
-            or (protect_metrics and path == "/metrics"))
+            or path in DEV_PATHS or (protect_metrics and path == "/metrics"))
 
 
 def _digest(key: bytes) -> bytes:

@@ -69,6 +69,8 @@ FLAGS = (
      "(default: no authentication)"),
     ("protect-metrics", "bool", False, "with --api-key, /metrics needs a key too (/health "
      "always stays open for probes)"),
+    ("server-dev-mode", "bool", False, "also serve the development endpoints (POST "
+     "/reset_prefix_cache, for benchmarks; needs the key with --api-key)"),
     ("exit-layer", int, None, "LayerSkip exit layer E: the draft runs layers [0, E) (default: the "
      "checkpoint's assistant_early_exit, else a quarter of its layers)"),
     ("num-speculations", int, None, "most draft tokens per round; 0 turns speculation off "
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                     "the API", args.host)
     engine.metrics = metrics = EngineMetrics(info.model_name, max_model_len=info.max_model_len)
     app = build_app(engine, metrics, args.max_request_body_bytes, tuple(args.api_key),
-                    args.protect_metrics)
+                    args.protect_metrics, args.server_dev_mode)
     server = DrainingServer(app, args.timeout_graceful_shutdown, host=args.host, port=args.port,
                             log_level=args.log_level)
     try:

@@ -31,6 +31,9 @@ from server.streaming import stream_events
 from server.tokenization import TokenizeRequest, detokenize, tokenize
 
 router = APIRouter()
+dev_router = APIRouter()
+"""Development endpoints, served only with ``--server-dev-mode`` (vLLM's
+``VLLM_SERVER_DEV_MODE``): benchmarks use them, production servers leave them off."""
 
 ERRORS = {
     400: "invalid request: a wrong type, a value out of range, a prompt too long (the error "
@@ -258,3 +261,15 @@ async def _collect(stream) -> list:
     if outs[-1].error:
         raise APIError(500, outs[-1].error, type="server_error")
     return outs
+
+
+@dev_router.post("/reset_prefix_cache", status_code=200, responses=_errors(503))
+async def reset_prefix_cache(request: Request) -> Response:
+    """Forget the prefix cache's blocks no running request holds (vLLM's endpoint of the same
+    name): requests sent after the response are prefilled from scratch. Only with
+    ``--server-dev-mode``."""
+    engine = _engine(request)
+    if not engine.is_healthy:
+        raise APIError(503, "the engine is not running", type="server_error")
+    engine.reset_prefix_cache()
+    return Response(status_code=200)

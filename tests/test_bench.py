@@ -102,3 +102,26 @@ def test_the_paged_kv_benchmark_pairs_two_trees_and_prints_every_arm():
     after = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True,
                            text=True).stdout
     assert after == before
+
+
+def test_serving_benchmark_quick_run_matches_the_engine_and_reports_intervals(tmp_path):
+    """``bench/serve.py --quick``: the engine in-process and the live server give the same texts,
+    and every row carries a ratio inside its bootstrap interval."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--quick",
+                           "--sets", "ood", "--repeats", "2", "--port", str(free_port()),
+                           "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "serve.json").read_text())
+    assert report["mismatches"] == 0
+    rows = report["rows"]
+    assert {(r["mode"], r["target"], r["concurrency"]) for r in rows} == {
+        (m, t, c) for m in ("plain", "spec") for t in ("engine", "http", "http-stream") for c in (1, 4)}
+    for r in rows:
+        assert r["tokens_per_second"] > 0 and len(r["runs_tokens_per_second"]) == 2
+        for key in ("vs_engine", "spec_vs_plain"):
+            lo, hi = r[key + "_interval"]
+            assert lo <= r[key] <= hi
+        assert r["vs_engine"] == 1.0 if r["target"] == "engine" else r["vs_engine"] > 0
+    assert (tmp_path / "serve.png").stat().st_size > 0
+    assert "/engine [95 %]" in proc.stdout

@@ -196,3 +196,30 @@ def test_chat_logprob_bytes_concatenate_to_the_content(client):
     raw = b"".join(bytes(e["bytes"]) for e in entries)
     assert raw.decode("utf-8", "replace") == choice["message"]["content"]
     assert all(len(e["top_logprobs"]) == 2 for e in entries)
+
+
+def test_reset_prefix_cache_is_a_dev_mode_endpoint(bundled_model, make_core, client):
+    """With ``server_dev_mode`` ``POST /reset_prefix_cache`` empties the prefix cache, so a
+    repeated prompt is prefilled from scratch again (and gives the same text); without it the
+    path is a 404 in OpenAI's error shape."""
+    from fastapi.testclient import TestClient
+
+    from engine.client import AsyncEngine
+    from engine.metrics import EngineMetrics
+    from server.app import build_app
+
+    header = "".join(f"# line {i}: a header shared by many requests\n" for i in range(12))
+    core = make_core(model=bundled_model, max_num_seqs=4)
+    metrics = EngineMetrics(core.model_name)
+    with TestClient(build_app(AsyncEngine(core, metrics), metrics, server_dev_mode=True)) as dev:
+        runs = []
+        for reset in (False, False, True):
+            if reset:
+                assert dev.post("/reset_prefix_cache").status_code == 200
+            r = _complete(dev, prompt=header + "def f(x):", max_tokens=8)
+            runs.append((r.json()["usage"]["prompt_tokens_details"]["cached_tokens"],
+                         r.json()["choices"][0]["text"]))
+    assert runs[0][0] == 0 and runs[1][0] >= 16 and runs[2][0] == 0, runs
+    assert runs[0][1] == runs[1][1] == runs[2][1]
+    r = client.post("/reset_prefix_cache")
+    assert r.status_code == 404 and "message" in r.json()["error"]
