@@ -15,7 +15,9 @@ a chunk's gap split over its tokens) and the HTTP/engine ratio. Every HTTP text 
 the engine's for the same prompt. Writes JSON under ``bench/results/`` and a PNG plot.
 
 The arms of one cell (engine, non-streamed, streamed) run back to back, in reverse order on odd
-repeats, and each starts with an empty prefix cache (``EngineCore.reset_prefix_cache()`` here,
+repeats; at concurrency 1 they alternate request by request instead (:func:`run_one_client`: a
+single client's run lasts seconds, over which this machine's speed drifts by ±15 %). Each arm
+(each request at concurrency 1) starts with an empty prefix cache (``EngineCore.reset_prefix_cache()`` here,
 ``POST /reset_prefix_cache`` on the server, which it starts with ``--server-dev-mode`` for that
 alone): the prompts repeat across arms and repeats, and without the reset a later arm would find
 them cached and skip their prefill.
@@ -158,6 +160,49 @@ def run_engine(core, prompts, max_tokens: int, concurrency: int, mode: str, prom
     return run
 
 
+def http_body(model: str, max_tokens: int, mode: str, stream: bool) -> dict:
+    """The ``/v1/completions`` body of an HTTP arm, less its prompt."""
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    if mode == "plain":
+        body["num_speculations"] = 0
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True,
+                                                 "continuous_usage_stats": True})
+    return body
+
+
+async def http_request(client, url: str, body: dict, prompt: list[int], run: Run, i: int) -> None:
+    """One completion of prompt ``i``; adds its tokens, text, TTFT and ITLs to ``run``."""
+    start, last, done, parts = time.perf_counter(), None, 0, []
+    payload = {**body, "prompt": prompt}
+    if not body.get("stream"):
+        r = await client.post(url + "/v1/completions", json=payload)
+        r.raise_for_status()
+        data = r.json()
+        run.tokens += data["usage"]["completion_tokens"]
+        run.texts[i] = data["choices"][0]["text"]
+        return
+    async with client.stream("POST", url + "/v1/completions", json=payload) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if not chunk["choices"]:
+                continue
+            parts.append(chunk["choices"][0]["text"])
+            now, total = time.perf_counter(), chunk["usage"]["completion_tokens"]
+            new, done = total - done, total
+            if new:
+                if last is None:
+                    run.ttft.append(now - start)
+                else:
+                    run.itl += [(now - last) / new] * new
+                last = now
+    run.tokens += done
+    run.texts[i] = "".join(parts)
+
+
 async def run_http(url: str, model: str, prompts, max_tokens: int, concurrency: int, mode: str,
                    prompt_set: str, stream: bool) -> Run:
     """A closed loop of ``concurrency`` clients against the live server."""
@@ -165,46 +210,12 @@ async def run_http(url: str, model: str, prompts, max_tokens: int, concurrency: 
 
     run = Run("http-stream" if stream else "http", mode, concurrency, prompt_set)
     queue = list(range(len(prompts)))
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-    if mode == "plain":
-        body["num_speculations"] = 0
-    if stream:
-        body.update(stream=True, stream_options={"include_usage": True,
-                                                 "continuous_usage_stats": True})
-
-    async def one(client, i):
-        start, last, done, parts = time.perf_counter(), None, 0, []
-        payload = {**body, "prompt": prompts[i]}
-        if not stream:
-            r = await client.post(url + "/v1/completions", json=payload)
-            r.raise_for_status()
-            data = r.json()
-            run.tokens += data["usage"]["completion_tokens"]
-            run.texts[i] = data["choices"][0]["text"]
-            return
-        async with client.stream("POST", url + "/v1/completions", json=payload) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if not chunk["choices"]:
-                    continue
-                parts.append(chunk["choices"][0]["text"])
-                now, total = time.perf_counter(), chunk["usage"]["completion_tokens"]
-                new, done = total - done, total
-                if new:
-                    if last is None:
-                        run.ttft.append(now - start)
-                    else:
-                        run.itl += [(now - last) / new] * new
-                    last = now
-        run.tokens += done
-        run.texts[i] = "".join(parts)
+    body = http_body(model, max_tokens, mode, stream)
 
     async def worker(client):
         while queue:
-            await one(client, queue.pop(0))
+            i = queue.pop(0)
+            await http_request(client, url, body, prompts[i], run, i)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -212,6 +223,40 @@ async def run_http(url: str, model: str, prompts, max_tokens: int, concurrency: 
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         run.seconds = time.perf_counter() - start
     return run
+
+
+TARGETS = ("engine", "http", "http-stream")
+
+
+async def run_one_client(core, url: str, prompts, max_tokens: int, mode: str, prompt_set: str,
+                         order: int) -> dict[str, Run]:
+    """Concurrency 1 with the arms interleaved request by request: prompt ``i`` goes through the
+    engine, the server non-streamed and streamed back to back (in reverse order every other
+    prompt, and ``order`` -1 starts reversed), each from an empty prefix cache. A single client's
+    run is short (a few seconds), so run-by-run interleaving would leave the ratio to this
+    machine's speed drifts of ±15 % over seconds; request by request they cancel."""
+    import httpx
+
+    runs = {t: Run(t, mode, 1, prompt_set) for t in TARGETS}
+    async with httpx.AsyncClient(timeout=600) as client:
+        for i, prompt in enumerate(prompts):
+            for target in TARGETS[::order * (-1) ** i]:
+                run = runs[target]
+                core.reset_prefix_cache()
+                await client.post(url + "/reset_prefix_cache")
+                start = time.perf_counter()
+                if target == "engine":
+                    one = run_engine(core, [prompt], max_tokens, 1, mode, prompt_set)
+                    run.tokens += one.tokens
+                    run.ttft += one.ttft
+                    run.itl += one.itl
+                    run.texts[i] = one.texts[0]
+                else:
+                    await http_request(client, url, http_body(core.model_name, max_tokens, mode,
+                                                              target == "http-stream"),
+                                       prompt, run, i)
+                run.seconds += time.perf_counter() - start
+    return runs
 
 
 def start_server(port: int, threads: int | None, log: Path, extra: tuple[str, ...] = ()):
@@ -341,7 +386,7 @@ def main(argv=None) -> None:
     """Run the benchmark and print, save and plot its report."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concurrency", default="1,2,4,8,16,32", help="comma-separated client counts")
-    p.add_argument("--prompts-per-client", type=int, default=2,
+    p.add_argument("--prompts-per-client", type=int, default=4,
                    help="prompts per run = max(8, concurrency × this)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
@@ -383,14 +428,18 @@ def main(argv=None) -> None:
                 asyncio.run(run_http(url, core.model_name, prompts[:2], 8, 2, mode, name, True))
         for repeat in range(args.repeats):
             # Odd repeats run each cell's arms in the reverse order (ABBA), so that a drift of
-            # the machine's speed within a cell cancels out of the paired ratios.
+            # the machine's speed within a cell cancels out of the paired ratios (concurrency 1
+            # alternates them request by request too).
             order = 1 if repeat % 2 == 0 else -1
             for name, all_prompts in sets.items():
                 for c in concurrencies:
                     prompts = all_prompts[:max(4 if args.quick else 8, c * args.prompts_per_client)]
                     for mode in ("plain", "spec")[::order]:
                         cell = {}
-                        for target in ("engine", "http", "http-stream")[::order]:
+                        if c == 1:
+                            cell = asyncio.run(run_one_client(core, url, prompts, args.max_tokens,
+                                                              mode, name, order))
+                        for target in TARGETS[::order] if c > 1 else ():
                             core.reset_prefix_cache()
                             reset_prefix_cache(url)
                             cell[target] = (
