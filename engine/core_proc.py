@@ -10,8 +10,8 @@ The API process (``engine.client.MPEngineClient``) starts :func:`run_engine_core
   per inbox batch that finished something), where ``deliveries`` is a list of ``(request_id,
   RequestOutput | WireError)``: every output of the step in one message, never one message per
   request per token. A ``FINAL_ONLY`` request's outputs (a non-streamed response) are held back
-  and go out together with its last one; steps with nothing to hand over send their statistics
-  at most every :data:`STATS_INTERVAL` seconds (and when the engine goes idle), so a batch of
+  and go out merged into one with its last one; steps with nothing to hand over send their
+  statistics at most every :data:`STATS_INTERVAL` seconds (and when the engine goes idle), so a batch of
   non-streamed requests costs one message per finished request plus at most ten a second, not
   one per step.
 
@@ -74,9 +74,8 @@ class EngineLoop:
     """One engine core driven by messages: add, abort, step (transport-independent).
 
     Each method returns the ``(request_id, RequestOutput | WireError)`` deliveries due now; the
-    caller sends them on. A ``FINAL_ONLY`` request's outputs are due only with its last one (or
-    its error; outputs held when everything fails are dropped, since an error ends the
-    response). An exception inside a step finishes every live request with ``error`` (and tells
+    caller sends them on. A ``FINAL_ONLY`` request's outputs are due only with its last one,
+    merged into one output (its error instead, if it fails: an error ends the response). An exception inside a step finishes every live request with ``error`` (and tells
     the requests the failed step had already finished) and the loop goes on serving: a bug in
     one step never takes the engine down.
     """
@@ -127,17 +126,23 @@ class EngineLoop:
         return self._hold(deliveries), stats
 
     def _hold(self, deliveries: list) -> list:
-        """Keep back a ``FINAL_ONLY`` request's outputs until its last one (or its error), then
-        deliver them all, in order; other requests' outputs pass through."""
+        """Keep back a ``FINAL_ONLY`` request's outputs until its last one, then deliver them
+        merged into one (:meth:`RequestOutput.merge <engine.request.RequestOutput.merge>`: one
+        object to pickle and read, however long the response), or drop them for its error;
+        other requests' outputs pass through."""
+        from engine.request import RequestOutput
+
         out = []
         for request_id, item in deliveries:
             held = self.held.get(request_id)
             if held is None:
                 out.append((request_id, item))
-            elif isinstance(item, WireError) or item.finished:
+            elif isinstance(item, WireError):
                 del self.held[request_id]
-                out.extend((request_id, h) for h in held)
                 out.append((request_id, item))
+            elif item.finished:
+                del self.held[request_id]
+                out.append((request_id, RequestOutput.merge(held + [item])))
             else:
                 held.append(item)
         return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class InvalidRequestError(ValueError):
@@ -254,3 +254,16 @@ class RequestOutput:
     def finished(self) -> bool:
         """Whether this is the request's last output."""
         return self.finish_reason is not None
+
+    @staticmethod
+    def merge(outputs: list["RequestOutput"]) -> "RequestOutput":
+        """One request's consecutive deltas as one output (vLLM's ``FINAL_ONLY`` hands over
+        exactly one): tokens, text and logprobs concatenated, the prompt logprobs of the first,
+        the running totals, finish and error of the last."""
+        first, last = outputs[0], outputs[-1]
+        logprobs = [lp for o in outputs for lp in (o.logprobs or [])]
+        return replace(
+            last, token_ids=[t for o in outputs for t in o.token_ids],
+            text="".join(o.text for o in outputs),
+            logprobs=logprobs if any(o.logprobs is not None for o in outputs) else None,
+            prompt_logprobs=first.prompt_logprobs)

@@ -200,16 +200,18 @@ def test_the_bundled_draft_vocabulary_and_bad_settings(bundled_model, make_core,
 
 def test_final_only_outputs_are_held_until_the_last_and_match_the_streamed_ones(cores):
     """vLLM's RequestOutputKind.FINAL_ONLY (non-streamed responses): the engine loop hands a
-    request's outputs over only with its last one, in order and equal to a DELTA request's; an
-    aborted FINAL_ONLY request leaves nothing behind."""
+    request's outputs over only with its last one, merged into one output equal to a DELTA
+    request's deltas concatenated (tokens, text, logprobs, totals); an aborted FINAL_ONLY request
+    leaves nothing behind."""
     from engine.core_proc import EngineLoop
     from engine.request import RequestOutputKind
 
     _, spec = cores
     loop = EngineLoop(spec)
     prompt = tuple(spec.tokenizer.encode(PROMPT))
-    loop.add(EngineRequest("delta", prompt, 20, ignore_eos=True))
-    loop.add(EngineRequest("final", prompt, 20, ignore_eos=True,
+    sampling = SamplingParams(temperature=0.0, logprobs=2)
+    loop.add(EngineRequest("delta", prompt, 20, ignore_eos=True, sampling=sampling))
+    loop.add(EngineRequest("final", prompt, 20, ignore_eos=True, sampling=sampling,
                            output_kind=RequestOutputKind.FINAL_ONLY))
     loop.add(EngineRequest("gone", prompt, 20, ignore_eos=True,
                            output_kind=RequestOutputKind.FINAL_ONLY))
@@ -224,9 +226,14 @@ def test_final_only_outputs_are_held_until_the_last_and_match_the_streamed_ones(
             got[rid].append([item for r, item in deliveries if r == rid])
     delta = [o for step in got["delta"] for o in step]
     final_steps = [step for step in got["final"] if step]
-    assert steps > 2 and len(final_steps) == 1 and final_steps[0][-1].finished
-    assert [o.token_ids for o in final_steps[0]] == [o.token_ids for o in delta]
-    assert [o.text for o in final_steps[0]] == [o.text for o in delta]
+    assert steps > 2 and len(final_steps) == 1 and len(final_steps[0]) == 1 and len(delta) > 2
+    final = final_steps[0][0]
+    assert final.finished and final.finish_reason == delta[-1].finish_reason == "length"
+    assert final.token_ids == [t for o in delta for t in o.token_ids] and len(final.token_ids) == 20
+    assert final.text == "".join(o.text for o in delta)
+    assert final.logprobs == [e for o in delta for e in o.logprobs] and len(final.logprobs) == 20
+    assert (final.num_output_tokens, final.num_draft_tokens, final.num_accepted_tokens) == (
+        delta[-1].num_output_tokens, delta[-1].num_draft_tokens, delta[-1].num_accepted_tokens)
     assert not any(got["gone"]) and not loop.held and not loop.added
 
 
