@@ -17,10 +17,10 @@ the engine's for the same prompt. Writes JSON under ``bench/results/`` and a PNG
 The arms of one cell (engine, non-streamed, streamed) run back to back, in reverse order on odd
 repeats; at concurrency 1 they alternate request by request instead (:func:`run_one_client`: a
 single client's run lasts seconds, over which this machine's speed drifts by ±15 %). Each arm
-(each request at concurrency 1) starts with an empty prefix cache (``EngineCore.reset_prefix_cache()`` here,
-``POST /reset_prefix_cache`` on the server, which it starts with ``--server-dev-mode`` for that
-alone): the prompts repeat across arms and repeats, and without the reset a later arm would find
-them cached and skip their prefill.
+(each request at concurrency 1) starts with an empty prefix cache
+(``EngineCore.reset_prefix_cache()`` here, ``POST /reset_prefix_cache`` on the server, which it
+starts with ``--server-dev-mode`` for that alone): the prompts repeat across arms and repeats,
+and without the reset a later arm would find them cached and skip their prefill.
 
 Prompts come from these sets, none trained on nor used to choose any default:
 
@@ -107,7 +107,7 @@ SHARED_PREFIX_TOKENS = 400
 SHARED_TAIL_TOKENS = 16
 
 
-PROSE_GLOBS = ("/usr/share/vim/vim*/doc/*.txt", "/usr/share/common-licenses/*")  # as bench/speedup.py
+PROSE_GLOBS = ("/usr/share/vim/vim*/doc/*.txt", "/usr/share/common-licenses/*")  # as speedup.py
 
 
 def prompt_sets(tokenizer, count: int, length: int,
@@ -349,7 +349,8 @@ def summarize(runs: list[Run]) -> list[dict]:
 def _paired(name: str, runs: list[Run], baseline: list[Run], rng: random.Random) -> dict:
     """``{name: median, name_interval: [lo, hi]}`` over repeats of ``runs[i]``'s tokens/s over
     ``baseline[i]``'s (a 95 % bootstrap interval for the median)."""
-    ratios = [r.tokens_per_second / b.tokens_per_second for r, b in zip(runs, baseline, strict=True)]
+    ratios = [r.tokens_per_second / b.tokens_per_second
+              for r, b in zip(runs, baseline, strict=True)]
     median, lo, hi = median_interval(ratios, rng)
     return {name: median, f"{name}_interval": [lo, hi]}
 
@@ -357,7 +358,11 @@ def _paired(name: str, runs: list[Run], baseline: list[Run], rng: random.Random)
 def report(rows: list[dict], header: str) -> str:
     """The table the README quotes."""
     ms = lambda v: "-" if v is None else f"{1000 * v:.1f}"  # noqa: E731
-    span = lambda r, k: f"{r[k]:.3f} [{r[k + '_interval'][0]:.2f}-{r[k + '_interval'][1]:.2f}]"  # noqa: E731
+
+    def span(r: dict, k: str) -> str:
+        lo, hi = r[k + "_interval"]
+        return f"{r[k]:.3f} [{lo:.2f}-{hi:.2f}]"
+
     lines = [header, f"{'set':<5} {'mode':<6} {'conc':>4} {'target':<12} {'tok/s':>8} "
              f"{'/engine [95 %]':>18} {'spec/plain [95 %]':>18} {'TTFT p50':>9} {'p99':>7} "
              f"{'ITL p50':>8} {'p99':>7}   (ms)"]
@@ -470,15 +475,19 @@ def main(argv=None) -> None:
                                 asyncio.run(run_http(url, core.model_name, prompts, args.max_tokens,
                                                      c, mode, name, target == "http-stream")))
                         runs += cell.values()
-                        mismatches += sum(cell[t].texts[i] != cell["engine"].texts[i]
-                                          for t in ("http", "http-stream") for i in cell["engine"].texts)
-                        print(f"repeat {repeat + 1}/{args.repeats} {name} c={c} {mode}: " + ", ".join(
-                            f"{t} {r.tokens_per_second:.0f} tok/s" for t, r in cell.items()), flush=True)
+                        engine = cell["engine"].texts
+                        mismatches += sum(cell[t].texts[i] != engine[i]
+                                          for t in ("http", "http-stream") for i in engine)
+                        arms = ", ".join(f"{t} {r.tokens_per_second:.0f} tok/s"
+                                         for t, r in cell.items())
+                        print(f"repeat {repeat + 1}/{args.repeats} {name} c={c} {mode}: {arms}",
+                              flush=True)
     finally:
         proc.terminate()
         proc.wait(60)
     rows = summarize(runs)
-    header = (f"{core.model_name}, {args.prompt_len}-token prompts, {args.max_tokens} new tokens, greedy, "
+    header = (f"{core.model_name}, {args.prompt_len}-token prompts, {args.max_tokens} new tokens, "
+              f"greedy, "
               f"EOS ignored; engine threads {threads}; medians of {args.repeats} interleaved runs (ratios: "
               f"medians of the paired per-repeat ratios, 95 % bootstrap intervals; arms in reverse "
               f"order on odd repeats)\n"

@@ -11,9 +11,9 @@ The API process (``engine.client.MPEngineClient``) starts :func:`run_engine_core
   RequestOutput | WireError)``: every output of the step in one message, never one message per
   request per token. A ``FINAL_ONLY`` request's outputs (a non-streamed response) are held back
   and go out merged into one with its last one; steps with nothing to hand over send their
-  statistics at most every :data:`STATS_INTERVAL` seconds (and when the engine goes idle), so a batch of
-  non-streamed requests costs one message per finished request plus at most ten a second, not
-  one per step.
+  statistics at most every :data:`STATS_INTERVAL` seconds (and when the engine goes idle), so a
+  batch of non-streamed requests costs one message per finished request plus at most ten a
+  second, not one per step.
 
 The engine process never waits for the API process's GIL: it blocks on the pipe only while it has
 no work or while a message larger than the pipe's buffer is being read (a long non-streamed
@@ -75,9 +75,10 @@ class EngineLoop:
 
     Each method returns the ``(request_id, RequestOutput | WireError)`` deliveries due now; the
     caller sends them on. A ``FINAL_ONLY`` request's outputs are due only with its last one,
-    merged into one output (its error instead, if it fails: an error ends the response). An exception inside a step finishes every live request with ``error`` (and tells
-    the requests the failed step had already finished) and the loop goes on serving: a bug in
-    one step never takes the engine down.
+    merged into one output (its error instead, if it fails: an error ends the response). An
+    exception inside a step finishes every live request with ``error`` (and tells the requests
+    the failed step had already finished) and the loop goes on serving: a bug in one step never
+    takes the engine down.
     """
 
     def __init__(self, core):

@@ -1,11 +1,12 @@
 """Bearer-token authentication, vLLM's ``--api-key``: which paths need a key, and the middleware
 that answers 401 before a request's body is read.
 
-``/v1/*``, ``/tokenize``, ``/detokenize`` and the development endpoints need ``Authorization: Bearer <key>`` with one of the
-configured keys; ``/health``, ``/version``, the OpenAPI document and (unless
-``protect_metrics``) ``/metrics`` stay open, so probes and Prometheus work without the key. Keys
-are compared as SHA-256 digests with :func:`hmac.compare_digest`, against every key, so neither
-the time taken nor which key matched depends on how much of a guess was right.
+``/v1/*``, ``/tokenize``, ``/detokenize`` and the development endpoints need
+``Authorization: Bearer <key>`` with one of the configured keys; ``/health``, ``/version``, the
+OpenAPI document and (unless ``protect_metrics``) ``/metrics`` stay open, so probes and
+Prometheus work without the key. Keys are compared as SHA-256 digests with
+:func:`hmac.compare_digest`, against every key, so neither the time taken nor which key matched
+depends on how much of a guess was right.
 """
 
 from __future__ import annotations

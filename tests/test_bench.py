@@ -116,7 +116,8 @@ def test_serving_benchmark_quick_run_matches_the_engine_and_reports_intervals(tm
     assert report["mismatches"] == 0
     rows = report["rows"]
     assert {(r["mode"], r["target"], r["concurrency"]) for r in rows} == {
-        (m, t, c) for m in ("plain", "spec") for t in ("engine", "http", "http-stream") for c in (1, 4)}
+        (m, t, c) for m in ("plain", "spec") for t in ("engine", "http", "http-stream")
+        for c in (1, 4)}
     for r in rows:
         assert r["tokens_per_second"] > 0 and len(r["runs_tokens_per_second"]) == 2
         for key in ("vs_engine", "spec_vs_plain"):
