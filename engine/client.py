@@ -208,9 +208,9 @@ class _EngineClient:
         raise NotImplementedError
 
     def reset_prefix_cache(self) -> None:
-        """Have the engine forget its cached prompt blocks (:meth:`EngineCore.reset_prefix_cache
-        <engine.loop.EngineCore.reset_prefix_cache>`); it does so before any request submitted
-        after this call."""
+        """Have the engine forget its cached prompt blocks no running request holds
+        (:meth:`EngineCore.reset_prefix_cache <engine.loop.EngineCore.reset_prefix_cache>`); it
+        does so before any request submitted after this call."""
         raise NotImplementedError
 
     def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:

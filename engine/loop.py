@@ -271,8 +271,9 @@ class EngineCore:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt block no running sequence holds (vLLM's
-        ``reset_prefix_cache``): later prompts are prefilled from scratch. For benchmarks that
-        repeat their prompts, so that each arm starts with the cache cold."""
+        ``reset_prefix_cache``): later prompts are prefilled from scratch, except for the blocks
+        of sequences still running (those stay cached). For benchmarks that repeat their prompts,
+        so that each arm starts with the cache cold."""
         self.scheduler.blocks.reset_prefix_cache()
 
     def is_live(self, request_id: str) -> bool:

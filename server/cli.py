@@ -64,9 +64,9 @@ FLAGS = (
      "name)"),
     ("host", str, "127.0.0.1", "address to bind (0.0.0.0 for every interface: set --api-key)"),
     ("port", int, 8000, "port to bind"),
-    ("api-key", "keys", None, "require 'Authorization: Bearer <key>' on /v1/* and the tokenizer "
-     "endpoints; repeat the flag (or comma-separate LAYERSKIP_API_KEY) for several keys "
-     "(default: no authentication)"),
+    ("api-key", "keys", None, "require 'Authorization: Bearer <key>' on /v1/*, the tokenizer "
+     "endpoints and /reset_prefix_cache; repeat the flag (or comma-separate LAYERSKIP_API_KEY) "
+     "for several keys (default: no authentication)"),
     ("protect-metrics", "bool", False, "with --api-key, /metrics needs a key too (/health "
      "always stays open for probes)"),
     ("server-dev-mode", "bool", False, "also serve the development endpoints (POST "

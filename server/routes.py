@@ -263,11 +263,13 @@ async def _collect(stream) -> list:
     return outs
 
 
-@dev_router.post("/reset_prefix_cache", status_code=200, responses=_errors(503))
+@dev_router.post("/reset_prefix_cache", response_class=Response, responses={
+    200: {"description": "the cache was reset (an empty body)", "content": None},
+    503: {"model": ErrorResponse, "description": "the engine is not running"}})
 async def reset_prefix_cache(request: Request) -> Response:
-    """Forget the prefix cache's blocks no running request holds (vLLM's endpoint of the same
-    name): requests sent after the response are prefilled from scratch. Only with
-    ``--server-dev-mode``."""
+    """Forget the prefix cache's blocks (vLLM's endpoint of the same name): a prompt sent after
+    the response is prefilled from scratch, except for the blocks of requests still running
+    (those stay cached). Only with ``--server-dev-mode``."""
     engine = _engine(request)
     if not engine.is_healthy:
         raise APIError(503, "the engine is not running", type="server_error")

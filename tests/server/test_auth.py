@@ -113,3 +113,15 @@ def test_the_server_reads_keys_from_the_environment(tmp_path):
     for part in ("models/layerskip-stdlib", "device cpu", "dtype float32", "1 cpu threads",
                  "KV cache"):
         assert part in line, (part, line)
+
+
+def test_the_dev_endpoint_needs_a_key_too(make_core, bundled_model, keyed):
+    """``POST /reset_prefix_cache`` is behind the key with ``server_dev_mode``; without it the
+    path still asks for the key first (401), then is a 404."""
+    with _client(make_core, bundled_model, api_keys=KEYS, server_dev_mode=True) as c:
+        _assert_401(c.post("/reset_prefix_cache"))
+        assert c.post("/reset_prefix_cache",
+                      headers={"Authorization": "Bearer key-one"}).status_code == 200
+    _assert_401(keyed.post("/reset_prefix_cache"))
+    assert keyed.post("/reset_prefix_cache",
+                      headers={"Authorization": "Bearer key-one"}).status_code == 404
