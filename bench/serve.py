@@ -261,7 +261,7 @@ async def run_one_client(core, url: str, prompts, max_tokens: int, mode: str, pr
             for target in TARGETS[::order * (-1) ** i]:
                 run = runs[target]
                 core.reset_prefix_cache()
-                await client.post(url + "/reset_prefix_cache")
+                (await client.post(url + "/reset_prefix_cache")).raise_for_status()
                 start = time.perf_counter()
                 if target == "engine":
                     one = run_engine(core, [prompt], max_tokens, 1, mode, prompt_set)
@@ -462,18 +462,20 @@ def main(argv=None) -> None:
                 for c in concurrencies:
                     prompts = all_prompts[:max(4 if args.quick else 8, c * args.prompts_per_client)]
                     for mode in ("plain", "spec")[::order]:
-                        cell = {}
                         if c == 1:
                             cell = asyncio.run(run_one_client(core, url, prompts, args.max_tokens,
                                                               mode, name, order))
-                        for target in TARGETS[::order] if c > 1 else ():
-                            core.reset_prefix_cache()
-                            reset_prefix_cache(url)
-                            cell[target] = (
-                                run_engine(core, prompts, args.max_tokens, c, mode, name)
-                                if target == "engine" else
-                                asyncio.run(run_http(url, core.model_name, prompts, args.max_tokens,
-                                                     c, mode, name, target == "http-stream")))
+                        else:
+                            cell = {}
+                            for target in TARGETS[::order]:
+                                core.reset_prefix_cache()
+                                reset_prefix_cache(url)
+                                cell[target] = (
+                                    run_engine(core, prompts, args.max_tokens, c, mode, name)
+                                    if target == "engine" else
+                                    asyncio.run(run_http(url, core.model_name, prompts,
+                                                         args.max_tokens, c, mode, name,
+                                                         target == "http-stream")))
                         runs += cell.values()
                         engine = cell["engine"].texts
                         mismatches += sum(cell[t].texts[i] != engine[i]
