@@ -256,6 +256,8 @@ async def run_one_client(core, url: str, prompts, max_tokens: int, mode: str, pr
     import httpx
 
     runs = {t: Run(t, mode, 1, prompt_set) for t in TARGETS}
+    bodies = {t: http_body(core.model_name, max_tokens, mode, t == "http-stream")
+              for t in TARGETS[1:]}
     async with httpx.AsyncClient(timeout=600) as client:
         for i, prompt in enumerate(prompts):
             for target in TARGETS[::order * (-1) ** i]:
@@ -270,9 +272,7 @@ async def run_one_client(core, url: str, prompts, max_tokens: int, mode: str, pr
                     run.itl += one.itl
                     run.texts[i] = one.texts[0]
                 else:
-                    await http_request(client, url, http_body(core.model_name, max_tokens, mode,
-                                                              target == "http-stream"),
-                                       prompt, run, i)
+                    await http_request(client, url, bodies[target], prompt, run, i)
                 run.seconds += time.perf_counter() - start
     return runs
 
@@ -405,6 +405,53 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def run_cell(core, url: str, prompts, max_tokens: int, concurrency: int, mode: str,
+             prompt_set: str, order: int) -> dict[str, Run]:
+    """One cell's three arms (:data:`TARGETS`, reversed when ``order`` is -1), each from an empty
+    prefix cache; concurrency 1 interleaves them request by request (:func:`run_one_client`)."""
+    if concurrency == 1:
+        return asyncio.run(run_one_client(core, url, prompts, max_tokens, mode, prompt_set, order))
+    cell = {}
+    for target in TARGETS[::order]:
+        core.reset_prefix_cache()
+        reset_prefix_cache(url)
+        if target == "engine":
+            cell[target] = run_engine(core, prompts, max_tokens, concurrency, mode, prompt_set)
+        else:
+            cell[target] = asyncio.run(run_http(url, core.model_name, prompts, max_tokens,
+                                                concurrency, mode, prompt_set,
+                                                target == "http-stream"))
+    return cell
+
+
+def run_all(core, url: str, sets: dict, concurrencies: list[int], args) -> tuple[list[Run], int]:
+    """Warm both sides, then every repeat, set, concurrency and mode; returns the runs and how
+    many HTTP texts differ from the engine's. Odd repeats run each cell's arms and modes in
+    reverse (ABBA), so that a drift of the machine's speed cancels out of the paired ratios."""
+    for name, prompts in sets.items():
+        for mode in ("plain", "spec"):
+            run_engine(core, prompts[:2], 8, 2, mode, name)
+            asyncio.run(run_http(url, core.model_name, prompts[:2], 8, 2, mode, name, True))
+    runs: list[Run] = []
+    mismatches = 0
+    for repeat in range(args.repeats):
+        order = 1 if repeat % 2 == 0 else -1
+        for name, all_prompts in sets.items():
+            for c in concurrencies:
+                prompts = all_prompts[:max(4 if args.quick else 8, c * args.prompts_per_client)]
+                for mode in ("plain", "spec")[::order]:
+                    cell = run_cell(core, url, prompts, args.max_tokens, c, mode, name, order)
+                    runs += cell.values()
+                    engine = cell["engine"].texts
+                    mismatches += sum(cell[t].texts[i] != engine[i]
+                                      for t in ("http", "http-stream") for i in engine)
+                    arms = ", ".join(f"{t} {r.tokens_per_second:.0f} tok/s"
+                                     for t, r in cell.items())
+                    print(f"repeat {repeat + 1}/{args.repeats} {name} c={c} {mode}: {arms}",
+                          flush=True)
+    return runs, mismatches
+
+
 def main(argv=None) -> None:
     """Run the benchmark and print, save and plot its report."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -446,52 +493,15 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     proc, url = start_server(args.port, args.cpu_threads, args.out / f"{args.name}-server.log",
                              ("--model", model))
-    runs: list[Run] = []
-    mismatches = 0
     try:
-        for name, prompts in sets.items():  # warm both
-            for mode in ("plain", "spec"):
-                run_engine(core, prompts[:2], 8, 2, mode, name)
-                asyncio.run(run_http(url, core.model_name, prompts[:2], 8, 2, mode, name, True))
-        for repeat in range(args.repeats):
-            # Odd repeats run each cell's arms in the reverse order (ABBA), so that a drift of
-            # the machine's speed within a cell cancels out of the paired ratios (concurrency 1
-            # alternates them request by request too).
-            order = 1 if repeat % 2 == 0 else -1
-            for name, all_prompts in sets.items():
-                for c in concurrencies:
-                    prompts = all_prompts[:max(4 if args.quick else 8, c * args.prompts_per_client)]
-                    for mode in ("plain", "spec")[::order]:
-                        if c == 1:
-                            cell = asyncio.run(run_one_client(core, url, prompts, args.max_tokens,
-                                                              mode, name, order))
-                        else:
-                            cell = {}
-                            for target in TARGETS[::order]:
-                                core.reset_prefix_cache()
-                                reset_prefix_cache(url)
-                                cell[target] = (
-                                    run_engine(core, prompts, args.max_tokens, c, mode, name)
-                                    if target == "engine" else
-                                    asyncio.run(run_http(url, core.model_name, prompts,
-                                                         args.max_tokens, c, mode, name,
-                                                         target == "http-stream")))
-                        runs += cell.values()
-                        engine = cell["engine"].texts
-                        mismatches += sum(cell[t].texts[i] != engine[i]
-                                          for t in ("http", "http-stream") for i in engine)
-                        arms = ", ".join(f"{t} {r.tokens_per_second:.0f} tok/s"
-                                         for t, r in cell.items())
-                        print(f"repeat {repeat + 1}/{args.repeats} {name} c={c} {mode}: {arms}",
-                              flush=True)
+        runs, mismatches = run_all(core, url, sets, concurrencies, args)
     finally:
         proc.terminate()
         proc.wait(60)
     rows = summarize(runs)
     header = (f"{core.model_name}, {args.prompt_len}-token prompts, {args.max_tokens} new tokens, "
-              f"greedy, "
-              f"EOS ignored; engine threads {threads}; medians of {args.repeats} interleaved runs (ratios: "
-              f"medians of the paired per-repeat ratios, 95 % bootstrap intervals; arms in reverse "
+              f"greedy, EOS ignored; engine threads {threads}; medians of {args.repeats} "
+              f"interleaved runs (ratios: medians of the paired per-repeat ratios, 95 % bootstrap intervals; arms in reverse "
               f"order on odd repeats)\n"
               f"HTTP texts differing from the engine's: {mismatches}")
     text = report(rows, header)

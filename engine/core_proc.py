@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
+from engine.request import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +132,6 @@ class EngineLoop:
         merged into one (:meth:`RequestOutput.merge <engine.request.RequestOutput.merge>`: one
         object to pickle and read, however long the response), or drop them for its error;
         other requests' outputs pass through."""
-        from engine.request import RequestOutput
-
         out = []
         for request_id, item in deliveries:
             held = self.held.get(request_id)
