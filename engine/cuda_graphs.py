@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.llama import BlockTables
+from models.llama import BlockTables, RoundKV
 
 logger = logging.getLogger(__name__)
 
@@ -246,15 +246,31 @@ class PaddedForward:
         return out if head else out.clone()
 
 
+ROUND_KV_MAX_BYTES = 256 << 20
+"""The most a round's gathered draft-layer KV copies may take (:class:`models.llama.RoundKV`);
+a larger batch gathers per call instead."""
+
+
 class EagerForward:
     """One round's calls run directly (``--enforce-eager``, the CPU, and any call without a
-    bucket): :func:`forward_call` on the round's unpadded block tables."""
+    bucket): :func:`forward_call` on the round's unpadded block tables.
 
-    def __init__(self, model, cache, tables: BlockTables):
+    ``exit_layer``, ``max_keys`` and ``scratch`` (a drafting round on the gather path): the
+    draft's layers ``[0, exit_layer)`` read the KV through a :class:`models.llama.RoundKV`,
+    gathered once for the round's ``k + 1`` draft calls (whose keys never exceed ``max_keys``)
+    into ``scratch``'s buffers, unless those copies would exceed :data:`ROUND_KV_MAX_BYTES`."""
+
+    def __init__(self, model, cache, tables: BlockTables, exit_layer: int = 0, max_keys: int = 0,
+                 scratch: dict | None = None):
         self.model, self.cache, self.tables = model, cache, tables
+        self.draft_cache = cache
+        if (exit_layer and scratch is not None and tables.first_block is None
+                and RoundKV.nbytes(cache, tables, max_keys, exit_layer) <= ROUND_KV_MAX_BYTES):
+            self.draft_cache = RoundKV(cache, tables, max_keys, range(exit_layer), scratch)
 
     def __call__(self, inputs: torch.Tensor, positions: torch.Tensor, num_keys: int, start: int,
                  end: int, head: bool) -> torch.Tensor:
         """See :func:`forward_call`."""
-        return forward_call(self.model, self.cache, self.tables, inputs, positions, num_keys,
+        cache = self.draft_cache if start == 0 and not head else self.cache
+        return forward_call(self.model, cache, self.tables, inputs, positions, num_keys,
                             start, end, head)

@@ -254,18 +254,28 @@ def sample_tokens(scores: torch.Tensor, sb: SamplingBatch, start: int,
 def sample_categorical(log_weights: torch.Tensor,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """One sample per row of ``(..., V)`` unnormalised log-weights (``-inf``: never drawn):
+    ``(...)`` token ids, by inverse transform sampling (:func:`sample_weights` of their softmax).
+    """
+    return sample_weights(log_weights.softmax(-1), generator)
+
+
+def sample_weights(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One sample per row of ``(..., V)`` non-negative, unnormalised weights (0: never drawn):
     ``(...)`` token ids, by inverse transform sampling.
 
     The cumulative distribution is summed in float64, so a token keeps its chance to within
     float64 rounding (a float32 sum would absorb tokens below ~6e-8 once it nears 1). One uniform
-    per row; a draw that rounds past the last token takes the last token with positive weight.
+    per row, scaled to the row's total and kept strictly below it (a product that rounds up to
+    the total would fall past the last token with positive weight), so the token found always
+    has positive weight.
     """
-    probs = log_weights.softmax(-1)  # (..., V)
-    cdf = probs.cumsum(-1, dtype=torch.float64)  # (..., V)
-    u = torch.rand((*cdf.shape[:-1], 1), dtype=torch.float64, device=cdf.device,
-                   generator=generator) * cdf[..., -1:]  # (..., 1)
+    cdf = weights.cumsum(-1, dtype=torch.float64)  # (..., V)
+    total = cdf[..., -1:]  # (..., 1)
+    u = torch.rand(total.shape, dtype=torch.float64, device=cdf.device,
+                   generator=generator) * total  # (..., 1)
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))
     index = torch.searchsorted(cdf, u, right=True)  # (..., 1)
-    return torch.minimum(index, cdf.argmax(-1, keepdim=True))[..., 0]
+    return index.clamp_max_(cdf.shape[-1] - 1)[..., 0]
 
 
 def accept_drafts(drafts: torch.Tensor, target_scores: torch.Tensor,
@@ -296,32 +306,41 @@ def accept_drafts(drafts: torch.Tensor, target_scores: torch.Tensor,
         final_choices = target
     else:
         rejection = [b for b, p in enumerate(sb.params) if not p.greedy and p.seed is None]
-        noisy = [b for b, p in enumerate(sb.params)
-                 if not p.greedy and (p.seed is not None or k == 0)]
-        target = sample_tokens(target_scores, sb, 0, rows=noisy)  # greedy/coupled rows' tokens
-        ok = drafts == target[:, :k]
-        final_choices = target
-        if rejection and k:
-            ok[rejection] = _rejection_tests(drafts, draft_scores, target_scores, sb, rejection)
+        if k and len(rejection) == B:  # every row rejection-sampled: no argmax needed
+            ok = _rejection_tests(drafts, draft_scores, target_scores, sb, None)
+            final_choices = None
+        else:
+            noisy = [b for b, p in enumerate(sb.params)
+                     if not p.greedy and (p.seed is not None or k == 0)]
+            target = sample_tokens(target_scores, sb, 0, rows=noisy)  # greedy/coupled rows
+            ok = drafts == target[:, :k]
+            final_choices = target
+            if rejection and k:
+                ok[rejection] = _rejection_tests(drafts, draft_scores, target_scores, sb,
+                                                 rejection)
     if num_speculations is not None:
         ok &= torch.arange(k, device=dev)[None] < torch.tensor(num_speculations, device=dev)[:, None]
     num_accepted = ok.long().cumprod(1).sum(1) if k else torch.zeros(B, dtype=torch.long, device=dev)
-    final = final_choices.gather(1, num_accepted[:, None])  # (B, 1)
+    final = None if final_choices is None else final_choices.gather(1, num_accepted[:, None])
     if sb is not None and k:
         final = _resample_rejected(final, num_accepted, drafts, draft_scores, target_scores, sb,
-                                   num_speculations)
+                                   num_speculations)  # (B, 1)
     tokens = torch.cat([drafts, drafts[:, :1]], 1) if k else final.clone()
     tokens.scatter_(1, num_accepted[:, None], final)
     return tokens, num_accepted
 
 
-def _rejection_tests(drafts, draft_scores, target_scores, sb, rows: list[int]) -> torch.Tensor:
-    """``(R, k)`` bool: ``u < p(d) / q(d)`` for each draft of the ``R`` rejection-sampled rows."""
+def _rejection_tests(drafts, draft_scores, target_scores, sb,
+                     rows: list[int] | None) -> torch.Tensor:
+    """``(R, k)`` bool: ``u < p(d) / q(d)`` for each draft of the ``R`` rejection-sampled rows
+    (``rows`` None: every row, without copying the batch)."""
     k = drafts.shape[1]
-    d = drafts[rows][..., None]  # (R, k, 1)
-    log_p = target_scores[rows, :k].gather(-1, d)[..., 0]  # (R, k)
-    log_q = draft_scores[rows].gather(-1, d)[..., 0]  # (R, k)
-    u = torch.rand(len(rows), k, device=drafts.device, generator=sb.generator)  # (R, k)
+    if rows is not None:
+        drafts, draft_scores, target_scores = drafts[rows], draft_scores[rows], target_scores[rows]
+    d = drafts[..., None]  # (R, k, 1)
+    log_p = target_scores[:, :k].gather(-1, d)[..., 0]  # (R, k)
+    log_q = draft_scores.gather(-1, d)[..., 0]  # (R, k)
+    u = torch.rand(d.shape[0], k, device=drafts.device, generator=sb.generator)  # (R, k)
     return u.log() < log_p - log_q
 
 
@@ -329,20 +348,29 @@ def _resample_rejected(final, num_accepted, drafts, draft_scores, target_scores,
                        num_speculations) -> torch.Tensor:
     """Rejection-sampled rows: at a rejection the emitted token is a sample of
     ``norm(max(0, p − q))``; with every draft accepted it is a sample of ``p`` (Leviathan et al.
-    2023, Alg. 1). Greedy and coupled rows keep ``final``."""
+    2023, Alg. 1). Greedy and coupled rows keep ``final`` (None when every row is
+    rejection-sampled). Returns ``(B, 1)``."""
     rows = [b for b, p in enumerate(sb.params) if not p.greedy and p.seed is None]
     if not rows:
         return final
+    every = len(rows) == len(sb.params)
     k = drafts.shape[1]
     dev = target_scores.device
-    j = num_accepted[rows]  # (R,)
-    k_b = torch.tensor([k if num_speculations is None else num_speculations[b] for b in rows],
-                       device=dev)
-    index = torch.arange(len(rows), device=dev)
-    log_p = target_scores[rows][index, j]  # (R, V)
-    log_q = draft_scores[rows][index, j.clamp_max(k - 1)]  # (R, V)
-    residual = (log_p.exp() - log_q.exp()).clamp_min(0)  # (R, V)
-    rejected = (j < k_b) & (residual.sum(-1) > 0)  # (R,)
-    dist = torch.where(rejected[:, None], residual.log(), log_p)  # (R, V)
-    final[rows] = sample_categorical(dist, sb.generator)[:, None]
+    if not every:
+        num_accepted, draft_scores, target_scores = (
+            num_accepted[rows], draft_scores[rows], target_scores[rows])
+    j = num_accepted[:, None, None]  # (R, 1, 1)
+    V = target_scores.shape[-1]
+    p = target_scores.gather(1, j.expand(-1, 1, V))[:, 0].exp()  # (R, V)
+    q = draft_scores.gather(1, j.clamp_max(k - 1).expand(-1, 1, V))[:, 0].exp()  # (R, V)
+    residual = (p - q).clamp_min_(0)  # (R, V)
+    if num_speculations is None:
+        short = num_accepted < k
+    else:
+        short = num_accepted < torch.tensor([num_speculations[b] for b in rows], device=dev)
+    rejected = short & (residual.sum(-1) > 0)  # (R,)
+    drawn = sample_weights(torch.where(rejected[:, None], residual, p), sb.generator)[:, None]
+    if every:
+        return drawn
+    final[rows] = drawn
     return final

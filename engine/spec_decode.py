@@ -98,6 +98,7 @@ class SpecDecodeRunner:
         self.device = model.device
         self.graphs = graphs
         self.last_timing: tuple[float, float] | None = None
+        self._round_kv_scratch: dict = {}  # models.llama.RoundKV's buffers, kept across rounds
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], block_tables: list[list[int]],
@@ -237,7 +238,8 @@ class SpecDecodeRunner:
         if g is not None and g.fits(len(block_tables), top + k + 1, k + 1) and (
                 not k or not g.graphs or exit_layer == g.exit_layer):
             return g.begin_round(block_tables, top + k + 1)
-        return EagerForward(self.model, self.cache, self._tables(block_tables))
+        return EagerForward(self.model, self.cache, self._tables(block_tables),
+                            exit_layer if k else 0, top + k + 1, self._round_kv_scratch)
 
     def _tables(self, block_tables: list[list[int]]) -> BlockTables:
         return BlockTables.build(block_tables, self.cache.block_size, self.device)

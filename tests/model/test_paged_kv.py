@@ -111,3 +111,48 @@ def test_start_up_refuses_a_budget_below_one_sequence(bundled_model, make_core):
     # The default budget is what max_num_seqs sequences of max_model_len need, not more.
     need = core.config.max_num_seqs * blocks_for(MAX_MODEL_LEN + 33, BLOCK)
     assert core.cache.num_blocks == need and core.cache.nbytes == need * _block_bytes(core)
+
+
+def test_a_rounds_draft_layers_gathered_once_give_the_per_call_gathers_results(tiny_model):
+    """``models.llama.RoundKV``: a batch on the gather path (shuffled blocks, rows of different
+    lengths) runs a round's draft calls (layers ``[0, E)``, one token per row at successive
+    positions) reading one gathered copy per layer; hidden states and the pool's KV equal the
+    ordinary per-call gather's exactly, and a second round reuses the buffers."""
+    import torch
+
+    from models.llama import RoundKV
+    from models.loader import load_checkpoint
+    from tests.conftest import make_cache, tables
+
+    m = load_checkpoint(tiny_model, "cpu", "float32", rope_len=64).model
+    E, k, lengths = 2, 3, [9, 21, 14]
+    results = []
+    for shared in (False, True):
+        torch.manual_seed(0)
+        cache, block_tables = make_cache(m, len(lengths), 32)
+        for layer in range(m.num_layers):  # stale or earlier KV everywhere: random
+            cache.k[layer].normal_()
+            cache.v[layer].normal_()
+        t = tables(cache, block_tables)
+        base = torch.tensor(lengths)[:, None]
+        scratch: dict = {}
+        states = []
+        for round_start in (0, k + 1):  # two rounds: the second reuses the buffers
+            view = (RoundKV(cache, t, max(lengths) + round_start + k + 1, range(E), scratch)
+                    if shared else cache)
+            tok = torch.tensor([[3], [5], [7]])
+            for i in range(k + 1):
+                pos = base + round_start + i
+                batch = m.attention_batch(t, pos, int(pos.max()) + 1)
+                h = m.forward_layers(m.embed(tok), 0, E, view, batch)  # (B, 1, D)
+                states.append(h)
+                tok = m.logits(h).argmax(-1)
+            if shared and round_start == 0:
+                buffers = {key: buf.data_ptr() for key, buf in scratch.items()}
+        if shared:
+            assert len(scratch) == 2 * E
+            assert {key: buf.data_ptr() for key, buf in scratch.items()} == buffers
+        results.append((torch.cat(states, 1), [x.clone() for x in cache.k[:E] + cache.v[:E]]))
+    (want, want_kv), (got, got_kv) = results
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_kv, want_kv))

@@ -184,3 +184,21 @@ def test_inverse_transform_samples_follow_the_weights_and_never_draw_a_masked_to
     assert _chi_square_p(on_live(counts), p, 60_000) > 1e-4
     cool = sample_categorical((weights ** 2).log().expand(60_000, 6), gen)  # power: p² differs
     assert _chi_square_p(on_live(Counter(cool.tolist())), p, 60_000) < 1e-4
+
+
+def test_a_uniform_at_its_largest_never_draws_past_the_last_live_token(monkeypatch):
+    """``sample_weights`` on weights whose last tokens are 0, with the uniform at 1 (past
+    ``torch.rand``'s range: the worst a rounding could do to ``u · total``): the draw must be
+    the last token with positive weight, never a masked one past it; and at 0, the first."""
+    from engine.sampler import sample_weights
+
+    weights = torch.tensor([[0.2, 0.0, 0.7, 0.1, 0.0, 0.0], [1e-300, 0.0, 0.0, 0.0, 0.0, 0.0]],
+                           dtype=torch.float64)
+    largest = 1.0
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(*shape, largest,
+                                                                       dtype=kw["dtype"]))
+    assert sample_weights(weights).tolist() == [3, 0]
+    smallest = 0.0
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(*shape, smallest,
+                                                                       dtype=kw["dtype"]))
+    assert sample_weights(torch.tensor([[0.0, 0.0, 0.5, 0.5]])).tolist() == [2]
