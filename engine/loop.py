@@ -398,12 +398,27 @@ class EngineCore:
 
     def _decode(self, seqs: list[Sequence], stats: StepStats):
         """One round per group: the plain sequences together, the drafting ones by exit layer
-        (the group drafting the largest ``k`` any of its sequences has)."""
+        (the group drafting the largest ``k`` any of its sequences has). The plain sequences
+        join the largest drafting group instead when the cost table prices that round below the
+        two (:meth:`engine.speculation.SpeculationController.merge_pays`), those of its exit
+        layer: a row with no room left, or one its request keeps plain, uses none of the drafts;
+        one the controller chose plain may use them (they cost nothing more)."""
         ks = self._plan(seqs)
         groups: dict[int | None, list[int]] = {}
         for i, (seq, k) in enumerate(zip(seqs, ks)):
             groups.setdefault((seq.request.exit_layer or self.exit_layer) if k else None,
                               []).append(i)
+        drafting = [e for e in groups if e is not None]
+        if None in groups and drafting:  # plain rows ride in a drafting round when cheaper
+            e = max(drafting, key=lambda e: len(groups[e]))
+            riders = [i for i in groups[None]
+                      if (seqs[i].request.exit_layer or self.exit_layer) == e]
+            if riders and self.policy.merge_pays(e, len(groups[e]), len(riders),
+                                                 max(ks[i] for i in groups[e]), _sampled(seqs)):
+                groups[e] += riders
+                groups[None] = [i for i in groups[None] if i not in riders]
+                if not groups[None]:
+                    del groups[None]
         results = []
         for exit_layer, members in groups.items():
             results += self._round(exit_layer, [seqs[i] for i in members],

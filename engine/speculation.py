@@ -349,6 +349,19 @@ class SpeculationController:
                     best, best_k, best_m = rate, k, m
         return best_k, best_m, order
 
+    def merge_pays(self, exit_layer: int, num_drafting: int, num_plain: int, k: int,
+                   sampled: bool = False) -> bool:
+        """Whether ``num_plain`` plain rows cost less as rows of the drafting group's round
+        (``num_drafting`` rows, ``k`` drafts; they use none of its drafts) than in a plain round
+        of their own, by the measured cost table (issue 9: "sequences at k = 0 ride in the
+        drafting group's verify call"). False while either price is unmeasured."""
+        costs = self.sampled_costs if sampled else self.costs
+        merged = costs.round(exit_layer, num_drafting + num_plain, k)
+        apart, plain = costs.round(exit_layer, num_drafting, k), costs.round(0, num_plain, 0)
+        if merged is None or apart is None or plain is None:
+            return False
+        return merged <= apart + plain
+
     def observe(self, state: SpecState, k: int, num_accepted: int) -> None:
         """A row's round: ``k`` drafts (0: it decoded plainly), ``num_accepted`` of them kept."""
         if not k:

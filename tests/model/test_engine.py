@@ -281,3 +281,26 @@ def test_the_engine_process_sends_a_final_only_request_once_and_every_step_stati
         assert all(len(m[2]) == 1 for m in pipe.sent) and len(pipe.sent) == len(stats)
     else:  # all held for the one message
         assert len(pipe.sent) == 1 and len(stats) > 1
+
+
+def test_a_plain_request_rides_in_the_drafting_round_and_keeps_its_plain_tokens(bundled_model,
+                                                                              make_core):
+    """A request with ``num_speculations = 0`` next to a drafting one: on this CPU a row more
+    in the drafting round costs far less than a plain round of its own (by the calibrated
+    table), so each step runs one round, with both rows; the plain request's tokens are plain
+    decoding's."""
+    core = make_core(model=bundled_model, max_num_seqs=4)
+    alone = make_core(model=bundled_model, num_speculations=0)
+    prompt = alone.tokenizer.encode("def parse(self, text):\n    ")
+    want = tokens_of(run_engine(alone, [prompt], 32, ignore_eos=True))["r0"]
+    core.add_request(EngineRequest("plain", tuple(prompt), 32, ignore_eos=True, num_speculations=0))
+    core.add_request(EngineRequest("spec", tuple(prompt), 32, ignore_eos=True))
+    got, steps, rounds = [], 0, 0
+    while core.has_work():
+        outs, stats = core.step()
+        if not stats.num_prompt_tokens:
+            steps += 1
+            rounds += sum(stats.rounds.values())
+        got += [t for o in outs if o.request_id == "plain" for t in o.token_ids]
+    assert got == want
+    assert steps and rounds == steps  # one round a decode step: no separate plain round

@@ -156,3 +156,17 @@ def test_sampled_rounds_are_priced_apart_falling_back_to_greedy_times_the_measur
     assert c.sampled_costs.round(E, 1, 2) == 2 * greedy_k2
     assert abs(c.sampled_costs.round(0, 1, 0) - 2 * c.costs.round(0, 1, 0)) < 1e-12
     assert c.costs.round(E, 1, 2) == greedy_k2  # the greedy table is untouched
+
+
+def test_plain_rows_ride_in_the_drafting_round_only_when_that_is_cheaper():
+    """``merge_pays``: with calls that cost the same for any rows (overhead-bound) two plain
+    rows are cheaper inside a 2-row drafting round than in a round of their own; when a round's
+    cost grows with its rows and a drafting row costs more than a plain one, they are not.
+    Unmeasured prices never merge."""
+    flat = controller(fake_costs(plain=10e-3, draft_step=2e-3, verify_base=9e-3,
+                                 verify_per_token=0.5e-3, batch_exponent=0.0))
+    assert flat.merge_pays(E, 2, 2, 2)
+    linear = controller(fake_costs(plain=10e-3, draft_step=2e-3, verify_base=9e-3,
+                                   verify_per_token=0.5e-3, batch_exponent=1.0))
+    assert not linear.merge_pays(E, 2, 2, 2)
+    assert not SpeculationController(L, E).merge_pays(E, 2, 2, 2)
