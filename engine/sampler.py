@@ -45,6 +45,13 @@ from engine.request import SamplingParams
 _MASK64 = (1 << 64) - 1
 
 
+def argmax(scores: torch.Tensor) -> torch.Tensor:
+    """``(..., V)`` → ``(...)`` the index of each row's largest score, the first of ties, as
+    ``torch.argmax``: through ``max``, which on the CPU is 1.4-3× faster (43 against 126 µs on
+    ``(8, 3, 4096)``: the one-draft-verify logits of batch 8)."""
+    return scores.max(-1).indices
+
+
 def noise_seed(key: int, position: int) -> int:
     """A 63-bit generator seed from a request's seed and a token position (SplitMix64's mixer)."""
     z = (key * 0x9E3779B97F4A7C15 + position * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019) & _MASK64
@@ -233,16 +240,16 @@ def sample_tokens(scores: torch.Tensor, sb: SamplingBatch, start: int,
     """
     rows = [b for b, p in enumerate(sb.params) if not p.greedy] if rows is None else rows
     if not rows:
-        return scores.argmax(-1)
+        return argmax(scores)
     B, T, V = scores.shape
     free = [b for b in rows if sb.params[b].seed is None]
     seeded = [b for b in rows if sb.params[b].seed is not None]
-    tokens = scores.argmax(-1) if len(free) < B else None  # (B, T)
+    tokens = argmax(scores) if len(free) < B else None  # (B, T)
     if seeded and T:
         noise = torch.stack([torch.stack([_gumbel(sb.keys[b], sb.positions[b] + start + t, V,
                                                   scores.device) for t in range(T)])
                              for b in seeded])  # (S, T, V)
-        tokens[seeded] = (scores[seeded] + noise).argmax(-1)
+        tokens[seeded] = argmax(scores[seeded] + noise)
     if free:
         drawn = sample_categorical(scores[free] if tokens is not None else scores, sb.generator)
         if tokens is None:
@@ -301,7 +308,7 @@ def accept_drafts(drafts: torch.Tensor, target_scores: torch.Tensor,
     B, k = drafts.shape
     dev = target_scores.device
     if sb is None or all(p.greedy for p in sb.params):
-        target = target_scores.argmax(-1)  # (B, k+1)
+        target = argmax(target_scores)  # (B, k+1)
         ok = drafts == target[:, :k]
         final_choices = target
     else:
