@@ -2,7 +2,8 @@
 that follow (issue 9's diagnostic: why self-speculation pays at one sequence and barely at eight).
 
 For each batch size ``B`` it times, interleaved (every repeat runs every ``k`` once, in a
-rotating order, so that this machine's drift hits all of them alike), a plain step ``P(B)`` and a
+rotating order, so that this machine's drift hits all of them alike; ``--blocked``: each ``k``'s
+rounds back to back, as a server runs them), a plain step ``P(B)`` and a
 self-speculative round ``R(B, k)`` of ``k`` drafts at the engine's exit layer, with each row at
 ``--context`` tokens (rows staggered by a few tokens, blocks shuffled: the paged cache's gather
 path at ``B > 1``, as on a server). It prints, per ``(B, k)``:
@@ -47,9 +48,11 @@ from models.loader import BUNDLED_MODEL  # noqa: E402
 
 
 def time_rounds(core: EngineCore, batch_size: int, context: int, ks: list[int],
-                repeats: int) -> dict[int, dict]:
+                repeats: int, blocked: bool = False) -> dict[int, dict]:
     """Median seconds of a round of each ``k`` in ``[0] + ks`` for ``batch_size`` rows near
-    ``context`` tokens, with the per-call breakdown of the drafting rounds."""
+    ``context`` tokens, with the per-call breakdown of the drafting rounds. Interleaved (every
+    repeat runs every ``k``), or with ``blocked`` each ``k``'s rounds back to back, as a server
+    runs one kind of round after another."""
     runner, E = core.runner, core.exit_layer
     bs, k_max = core.config.block_size, max(ks)
     lengths = [max(1, context - 3 * r) for r in range(batch_size)]
@@ -61,13 +64,20 @@ def time_rounds(core: EngineCore, batch_size: int, context: int, ks: list[int],
     tables = [ids[r * nb:(r + 1) * nb] for r in range(batch_size)]
     order = [0] + ks
     times: dict[int, list[tuple]] = {k: [] for k in order}
-    for rep in range(repeats + 2):  # two warm-up repeats
-        rotated = order[rep % len(order):] + order[:rep % len(order)]
-        for k in rotated:
-            start = time.perf_counter()
-            runner.decode_round(tables, [0] * batch_size, lengths, E, k)
-            if rep >= 2:
-                times[k].append((time.perf_counter() - start, *(runner.last_timing or (0, 0))))
+    def one(k: int, keep: bool) -> None:
+        start = time.perf_counter()
+        runner.decode_round(tables, [0] * batch_size, lengths, E, k)
+        if keep:
+            times[k].append((time.perf_counter() - start, *(runner.last_timing or (0, 0))))
+
+    if blocked:
+        for k in order:
+            for rep in range(repeats + 2):  # two warm-up rounds
+                one(k, rep >= 2)
+    else:
+        for rep in range(repeats + 2):  # two warm-up repeats
+            for k in order[rep % len(order):] + order[:rep % len(order)]:
+                one(k, rep >= 2)
     return {k: {"round": statistics.median(t[0] for t in v),
                 "draft_call": statistics.median(t[1] for t in v),
                 "verify_call": statistics.median(t[2] for t in v)} for k, v in times.items()}
@@ -82,6 +92,8 @@ def main() -> None:
     p.add_argument("--alpha", default="0.8,0.7,0.6",
                    help="per-position acceptance for the ideal column (comma-separated)")
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--blocked", action="store_true",
+                   help="time each k's rounds back to back instead of interleaved")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = p.parse_args()
@@ -92,12 +104,13 @@ def main() -> None:
     core = EngineCore(EngineConfig(model=args.model, adaptive_speculation=False,
                                    num_speculations=max(ks), max_num_seqs=max(sizes)))
     print(f"{core.model_name}: exit layer {core.exit_layer} of {core.model.num_layers}, "
-          f"{args.context}-token rows, {args.threads} thread(s), medians of {args.repeats}; "
+          f"{args.context}-token rows, {args.threads} thread(s), medians of {args.repeats} "
+          f"({'blocked' if args.blocked else 'interleaved'}); "
           f"acceptance by position {alphas}")
     print(" B  k  plain ms   round/P  draft call/P  verify/P  ceiling  ideal@alpha  work ratio")
     results = []
     for B in sizes:
-        t = time_rounds(core, B, args.context, ks, args.repeats)
+        t = time_rounds(core, B, args.context, ks, args.repeats, args.blocked)
         P = t[0]["round"]
         for k in ks:
             r = t[k]

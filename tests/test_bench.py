@@ -126,3 +126,17 @@ def test_serving_benchmark_quick_run_matches_the_engine_and_reports_intervals(tm
         assert r["vs_engine"] == 1.0 if r["target"] == "engine" else r["vs_engine"] > 0
     assert (tmp_path / "serve.png").stat().st_size > 0
     assert "/engine [95 %]" in proc.stdout
+
+
+def test_the_round_cost_benchmark_prints_every_batch_size_and_k(tmp_path):
+    """``bench/round_costs.py`` on a short run: a row per (batch size, k), each with a round
+    dearer than a plain step and a ceiling of at most k + 1 (times noise)."""
+    out = tmp_path / "rounds.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "round_costs.py"), "--batch-sizes",
+                           "1,2", "--ks", "1,2", "--context", "40", "--repeats", "3", "--out",
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch_size"], r["k"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(r["round_over_plain"] > 1.0 and r["ceiling"] < 1.5 * (r["k"] + 1) for r in rows)
+    assert all(abs(r["work_ratio"] * r["ideal"] - r["ceiling"]) < 1e-9 for r in rows)
