@@ -64,6 +64,7 @@ def time_rounds(core: EngineCore, batch_size: int, context: int, ks: list[int],
     tables = [ids[r * nb:(r + 1) * nb] for r in range(batch_size)]
     order = [0] + ks
     times: dict[int, list[tuple]] = {k: [] for k in order}
+
     def one(k: int, keep: bool) -> None:
         start = time.perf_counter()
         runner.decode_round(tables, [0] * batch_size, lengths, E, k)
