@@ -42,7 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.llama import BlockTables, RoundKV
+from engine.kv_cache import ROUND_KV_MAX_BYTES, RoundKV
+from models.llama import BlockTables
 
 logger = logging.getLogger(__name__)
 
@@ -246,19 +247,14 @@ class PaddedForward:
         return out if head else out.clone()
 
 
-ROUND_KV_MAX_BYTES = 256 << 20
-"""The most a round's gathered draft-layer KV copies may take (:class:`models.llama.RoundKV`);
-a larger batch gathers per call instead."""
-
-
 class EagerForward:
     """One round's calls run directly (``--enforce-eager``, the CPU, and any call without a
     bucket): :func:`forward_call` on the round's unpadded block tables.
 
     ``exit_layer``, ``max_keys`` and ``scratch`` (a drafting round on the gather path): the
-    draft's layers ``[0, exit_layer)`` read the KV through a :class:`models.llama.RoundKV`,
+    draft's layers ``[0, exit_layer)`` read the KV through a :class:`engine.kv_cache.RoundKV`,
     gathered once for the round's ``k + 1`` draft calls (whose keys never exceed ``max_keys``)
-    into ``scratch``'s buffers, unless those copies would exceed :data:`ROUND_KV_MAX_BYTES`."""
+    into ``scratch``'s buffers, unless those copies would exceed :data:`engine.kv_cache.ROUND_KV_MAX_BYTES`."""
 
     def __init__(self, model, cache, tables: BlockTables, exit_layer: int = 0, max_keys: int = 0,
                  scratch: dict | None = None):

@@ -98,7 +98,7 @@ class SpecDecodeRunner:
         self.device = model.device
         self.graphs = graphs
         self.last_timing: tuple[float, float] | None = None
-        self._round_kv_scratch: dict = {}  # models.llama.RoundKV's buffers, kept across rounds
+        self._round_kv_scratch: dict = {}  # engine.kv_cache.RoundKV's buffers, kept across rounds
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], block_tables: list[list[int]],

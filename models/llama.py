@@ -9,12 +9,15 @@ and gate/up projections, RoPE tables computed once, one fused RMSNorm kernel, an
 gpt-fast way). It matches ``transformers.LlamaForCausalLM`` within 1e-4 in fp32
 (``tests/model/test_llama_reference.py``).
 
-The cache is anything with ``k`` and ``v``: lists (one per layer) of block pools of shape
-``(num_blocks, block_size, num_kv_heads, head_dim)`` (see ``engine.kv_cache.KVCache``). A batch
-row ``b`` with block table ``t`` writes position ``p``'s keys at ``[t[p // block_size], p %
-block_size]`` and attends to keys ``0..position`` of its own blocks, gathered block by block
-(one ``index_select`` per layer and call) or, for one sequence whose blocks are consecutive, read
-as a view; rolling a sequence back is only a matter of the positions the next call uses.
+The cache is anything with ``update(layer, k, v, batch) -> (keys, values)``, which writes a
+call's new keys and values and returns the keys and values its queries attend over
+(``engine.kv_cache.KVCache``, whose pools are ``(num_blocks, block_size, num_kv_heads,
+head_dim)`` per layer, does it with :func:`cache_update`; ``engine.kv_cache.RoundKV`` keeps a
+round's draft-layer reads). A batch row ``b`` with block table ``t`` writes position ``p``'s
+keys at ``[t[p // block_size], p % block_size]`` and attends to keys ``0..position`` of its own
+blocks, gathered block by block (one ``index_select`` per layer and call) or, for one sequence
+whose blocks are consecutive, read as a view; rolling a sequence back is only a matter of the
+positions the next call uses.
 """
 
 from __future__ import annotations
@@ -235,7 +238,7 @@ class LlamaModel:
         return AttentionBatch(
             slot_mapping=slot_mapping, positions=positions,
             cos=self.rope_cos[positions][:, :, None], sin=self.rope_sin[positions][:, :, None],
-            mask=mask, num_keys=num_keys, gather_index=_gather_index(tables, num_keys),
+            mask=mask, num_keys=num_keys, gather_index=gather_index(tables, num_keys),
             first_block=tables.first_block, block_size=bs,
         )
 
@@ -267,7 +270,7 @@ class LlamaModel:
         return AttentionBatch(slot_mapping=slot_mapping, positions=positions,
                               cos=self.rope_cos[positions][:, :, None],
                               sin=self.rope_sin[positions][:, :, None], mask=mask,
-                              num_keys=num_keys, gather_index=_gather_index(tables, num_keys),
+                              num_keys=num_keys, gather_index=gather_index(tables, num_keys),
                               first_block=tables.first_block, block_size=bs,
                               pad_index=pad_index, max_chunk=t_max)
 
@@ -276,7 +279,8 @@ class LlamaModel:
         """Run decoder layers ``[start, end)`` on ``(B, T, D)`` hidden states; return ``(B, T, D)``.
 
         Each layer writes the new tokens' keys and values into ``cache`` at ``batch``'s
-        ``slot_mapping`` before attending, so a later call can continue from them.
+        ``slot_mapping`` before attending (``cache.update``), so a later call can continue from
+        them.
         """
         for i in range(start, end):
             hidden = self._layer(i, hidden, cache, batch)
@@ -290,12 +294,7 @@ class LlamaModel:
         qkv = (x @ w["qkv"]).view(B, T, H + 2 * KV, hd)  # (B, T, H+2KV, hd)
         qk = _rope(qkv[:, :, :H + KV], batch.cos, batch.sin)  # (B, T, H+KV, hd)
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
-        if isinstance(cache, RoundKV) and i in cache.layers:
-            k_all, v_all = cache.update(i, qk[:, :, H:], qkv[:, :, H + KV:], batch)
-        else:
-            flat = getattr(cache, "flat", None)
-            k_all, v_all = _cache_update(cache.k[i], cache.v[i], qk[:, :, H:], qkv[:, :, H + KV:],
-                                         batch, flat[i] if flat else None)  # (B, KV, S, hd) each
+        k_all, v_all = cache.update(i, qk[:, :, H:], qkv[:, :, H + KV:], batch)  # (B, KV, S, hd)
         if batch.pad_index is None:
             attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=batch.mask,
                                                   enable_gqa=H != KV)  # (B, H, T, hd)
@@ -306,87 +305,6 @@ class LlamaModel:
         x = F.rms_norm(h, (s.hidden_size,), w["ln2"], s.rms_norm_eps)
         gate, up = (x @ w["gate_up"]).chunk(2, dim=-1)  # (B, T, I) each
         return h + (F.silu(gate) * up) @ w["down"]
-
-
-class RoundKV:
-    """A KV cache seen through one self-speculative round of a batch on the gather path: the
-    layers in ``layers`` (the draft's ``[0, E)``) are gathered from the block pool once, at their
-    first call in the round, into a ``(B, num_keys, KV, hd)`` copy per layer, and every later call
-    writes its new keys and values into that copy as well as into the pool. The round's ``k + 1``
-    draft calls then read the same prefix without gathering it ``k + 1`` times (at batch 8 and
-    300 keys a layer's gather costs ~90 µs on the CPU, a quarter of the layer). Other layers, and
-    the writes to the pool, are as with the cache itself.
-
-    The copies live in ``scratch``, buffers kept from round to round (one per layer and K/V,
-    grown by half again when a round needs more): allocating them afresh each round costs ~900
-    page faults a round at batch 8, more than the gathers saved.
-
-    Args:
-        cache: the KV cache (``k``, ``v`` and optionally ``flat``, as :func:`_cache_update`
-            reads them).
-        tables: the round's block tables (gather path: ``first_block`` None).
-        num_keys: the most key positions any call of the round reads (tokens).
-        layers: the layers to gather once.
-        scratch: ``{(layer, 0 or 1): 1-D buffer}``, owned by the caller and reused.
-    """
-
-    def __init__(self, cache, tables: BlockTables, num_keys: int, layers: range,
-                 scratch: dict[tuple[int, int], torch.Tensor]):
-        self.k, self.v = cache.k, cache.v
-        self.flat = getattr(cache, "flat", None)
-        self.layers = layers
-        self.num_keys = num_keys
-        self.index = _gather_index(tables, num_keys)  # (B · nb,)
-        self.rows = tables.table.shape[0]
-        self.scratch = scratch
-        self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._slots: tuple[AttentionBatch, torch.Tensor] | None = None
-
-    @staticmethod
-    def nbytes(cache, tables: BlockTables, num_keys: int, num_layers: int) -> int:
-        """The copies' size for ``num_layers`` layers (bytes)."""
-        pool = cache.k[0]
-        nb = -(-num_keys // pool.shape[1])
-        return 2 * num_layers * tables.table.shape[0] * nb * pool[0].numel() * pool.element_size()
-
-    def _gather(self, i: int, half: int, pool: torch.Tensor) -> torch.Tensor:
-        """Layer ``i``'s K (``half`` 0) or V (1) pool gathered into its scratch buffer:
-        ``(B, nb · block_size, KV, hd)``."""
-        shape = (self.index.numel(), *pool.shape[1:])
-        numel = pool[0].numel() * shape[0]
-        buf = self.scratch.get((i, half))
-        if buf is None or buf.numel() < numel:  # grown with headroom: rows keep lengthening
-            buf = self.scratch[(i, half)] = pool.new_empty(numel + numel // 2)
-        out = buf[:numel].view(shape)
-        torch.index_select(pool, 0, self.index, out=out)
-        return out.view(self.rows, -1, *pool.shape[2:])
-
-    def update(self, i: int, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``(B, T, KV, hd)`` keys/values of layer ``i`` at the batch's positions (pool and
-        copy); return ``(B, KV, S, hd)`` views of the copy's first ``S = batch.num_keys``."""
-        _, _, KV, hd = self.k[i].shape
-        flat = self.flat[i] if self.flat else (self.k[i].view(-1, KV, hd),
-                                               self.v[i].view(-1, KV, hd))
-        flat[0].index_put_((batch.slot_mapping,), k)
-        flat[1].index_put_((batch.slot_mapping,), v)
-        copy = self.copies.get(i)
-        B = self.rows
-        if copy is None:  # the first call: gather, the new keys included
-            copy = self.copies[i] = (self._gather(i, 0, self.k[i]), self._gather(i, 1, self.v[i]))
-        else:
-            local = self._local_slots(batch, copy[0].shape[1])
-            copy[0].view(-1, KV, hd).index_put_((local,), k)
-            copy[1].view(-1, KV, hd).index_put_((local,), v)
-        S = batch.num_keys
-        return copy[0][:, :S].transpose(1, 2), copy[1][:, :S].transpose(1, 2)
-
-    def _local_slots(self, batch: AttentionBatch, length: int) -> torch.Tensor:
-        """``(B, T)`` where the batch's new tokens sit in the flattened copies (one per call)."""
-        if self._slots is None or self._slots[0] is not batch:
-            rows = torch.arange(self.rows, device=batch.positions.device)[:, None] * length
-            self._slots = (batch, rows + batch.positions)
-        return self._slots[1]
 
 
 def _packed_attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
@@ -416,16 +334,16 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def _gather_index(tables: BlockTables, num_keys: int) -> torch.Tensor | None:
+def gather_index(tables: BlockTables, num_keys: int) -> torch.Tensor | None:
     """``(B · nb,)`` the blocks holding each row's first ``num_keys`` positions, row by row."""
     if tables.first_block is not None:
         return None
     return tables.table[:, :-(-num_keys // tables.block_size)].reshape(-1)
 
 
-def _cache_update(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  batch: AttentionBatch, flat: tuple[torch.Tensor, torch.Tensor] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def cache_update(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 batch: AttentionBatch, flat: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write ``(B, T, KV, hd)`` keys/values at the batch's ``slot_mapping``; read every row's
     first ``S`` positions as ``(B, KV, S, hd)`` (a view of the pool for one sequence with
     consecutive blocks, else one block-granular ``index_select`` per tensor).

@@ -114,13 +114,13 @@ def test_start_up_refuses_a_budget_below_one_sequence(bundled_model, make_core):
 
 
 def test_a_rounds_draft_layers_gathered_once_give_the_per_call_gathers_results(tiny_model):
-    """``models.llama.RoundKV``: a batch on the gather path (shuffled blocks, rows of different
+    """``engine.kv_cache.RoundKV``: a batch on the gather path (shuffled blocks, rows of different
     lengths) runs a round's draft calls (layers ``[0, E)``, one token per row at successive
     positions) reading one gathered copy per layer; hidden states and the pool's KV equal the
     ordinary per-call gather's exactly, and a second round reuses the buffers."""
     import torch
 
-    from models.llama import RoundKV
+    from engine.kv_cache import RoundKV
     from models.loader import load_checkpoint
     from tests.conftest import make_cache, tables
 

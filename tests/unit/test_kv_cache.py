@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.kv_cache import BlockManager, KVCache, blocks_for, bytes_per_block
-from models.llama import AttentionBatch, BlockTables, _cache_update, _gather_index
+from models.llama import AttentionBatch, BlockTables, cache_update, gather_index
 
 
 def _batch(tables: list[list[int]], positions, num_keys: int, block_size: int) -> AttentionBatch:
@@ -13,7 +13,7 @@ def _batch(tables: list[list[int]], positions, num_keys: int, block_size: int) -
     pos = torch.tensor(positions)
     return AttentionBatch(slot_mapping=bt.table.gather(1, pos // block_size) * block_size
                           + pos % block_size, positions=pos, cos=None, sin=None, mask=None,
-                          num_keys=num_keys, gather_index=_gather_index(bt, num_keys),
+                          num_keys=num_keys, gather_index=gather_index(bt, num_keys),
                           first_block=bt.first_block, block_size=block_size)
 
 
@@ -31,22 +31,22 @@ def test_writes_follow_the_block_table_and_rollback_overwrites_stale_entries():
     k, v = cache.k[0], cache.v[0]
     new = torch.arange(6, dtype=torch.float32).view(1, 3, 1, 2)  # (B, T, KV, hd)
     # Positions 0, 1 in block 4, position 2 in block 1: not consecutive, so gathered.
-    k_all, _ = _cache_update(k, v, new, new, _batch([[4, 1]], [[0, 1, 2]], 3, 2))
+    k_all, _ = cache_update(k, v, new, new, _batch([[4, 1]], [[0, 1, 2]], 3, 2))
     assert torch.equal(k[4, :, 0], new[0, :2, 0]) and torch.equal(k[1, 0, 0], new[0, 2, 0])
     assert k[0].abs().sum() == 0 and k_all.shape == (1, 1, 3, 2)
     assert torch.equal(k_all[0, 0], new[0, :, 0])
     # Roll back to length 1 and write a different token at position 1: no copy, just overwrite.
     replacement = torch.full((1, 1, 1, 2), -1.0)
-    k_all, _ = _cache_update(k, v, replacement, replacement, _batch([[4, 1]], [[1]], 2, 2))
+    k_all, _ = cache_update(k, v, replacement, replacement, _batch([[4, 1]], [[1]], 2, 2))
     assert torch.equal(k_all[0, 0], torch.tensor([[0.0, 1.0], [-1.0, -1.0]]))
     # Consecutive blocks of one sequence are read as a view of the pool (no gather).
     batch = _batch([[2, 3]], [[3]], 4, 2)
     assert batch.first_block == 2 and batch.gather_index is None
-    k_all, _ = _cache_update(k, v, replacement, replacement, batch)
+    k_all, _ = cache_update(k, v, replacement, replacement, batch)
     assert k_all.data_ptr() == k[2].data_ptr() and k[3, 1, 0].tolist() == [-1.0, -1.0]
     # Two rows with tables of different lengths: the short one is padded, each row its own keys.
     both = torch.ones(2, 1, 1, 2)
-    k_all, _ = _cache_update(k, v, both, both, _batch([[5], [4, 1]], [[0], [3]], 4, 2))
+    k_all, _ = cache_update(k, v, both, both, _batch([[5], [4, 1]], [[0], [3]], 4, 2))
     assert k_all.shape == (2, 1, 4, 2) and k[5, 0, 0].tolist() == [1.0, 1.0]
     assert k[1, 1, 0].tolist() == [1.0, 1.0] and k_all[1, 0, 2].tolist() == [4.0, 5.0]
 
